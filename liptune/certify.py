@@ -1,0 +1,210 @@
+"""Certificates and robustness metrics of 1-Lipschitz classifiers.
+
+For an L-Lipschitz map no L2 perturbation smaller than the certificate can change the prediction;
+liptune's models are 1-Lipschitz, so the certificates come from one forward pass:
+
+* ``"binary"`` (one output, predicted class ``f(x) > 0``): radius ``|f(x)|``;
+* ``"global"`` (the whole logit map is 1-Lipschitz in L2): ``(f_top1 - f_top2) / sqrt(2)``,
+  since moving the gap ``f_i - f_j`` by d needs ``||f(x') - f(x)||_2 >= d / sqrt(2)``;
+* ``"classwise"`` (each logit is separately 1-Lipschitz): ``(f_top1 - f_top2) / 2``.
+
+A point is *certified* at radius eps when it is correctly classified and its certificate is
+``> eps``. Outputs are (N,) or (N, 1) in binary mode and (N, C) otherwise; targets follow
+:mod:`liptune.losses` ({0, 1} or {-1, +1} in binary mode, class indices or one-hot otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from liptune.losses import binary_signs, multiclass_mask
+from liptune.nn.containers import CERTIFICATE_MODES
+
+__all__ = [
+    "CERTIFICATE_MODES",
+    "certificate_mode",
+    "certificates",
+    "certified_robust_accuracy",
+    "mean_certifiable_robustness",
+    "predict_with_certificates",
+    "provable_avg_robustness",
+]
+
+CertificateMode = Literal["binary", "global", "classwise"]
+#: The factor that turns a logit gap into an L2 radius, per multiclass mode.
+_GAP_SCALE = {"global": 1.0 / math.sqrt(2.0), "classwise": 0.5}
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in CERTIFICATE_MODES:
+        raise ValueError(f"certificate mode must be one of {CERTIFICATE_MODES}, got {mode!r}")
+    return mode
+
+
+def _multiclass_outputs(outputs: Tensor, mode: str) -> Tensor:
+    if outputs.dim() != 2 or outputs.shape[1] < 2:
+        raise ValueError(
+            f"{mode!r} certificates need outputs of shape (N, C) with C >= 2, got "
+            f"{tuple(outputs.shape)}; use mode 'binary' for a single output"
+        )
+    return outputs
+
+
+def certificates(outputs: Tensor, mode: CertificateMode) -> Tensor:
+    """The certified L2 radius of each prediction, shape (N,).
+
+    Args:
+        outputs: logits of a 1-Lipschitz model, (N,) or (N, 1) for ``"binary"``, (N, C) else.
+        mode: ``"binary"``, ``"global"`` or ``"classwise"`` (see the module docstring).
+    """
+    mode = _check_mode(mode)
+    if mode == "binary":
+        if outputs.dim() not in (1, 2) or (outputs.dim() == 2 and outputs.shape[1] != 1):
+            raise ValueError(
+                f"'binary' certificates need outputs of shape (N,) or (N, 1), got "
+                f"{tuple(outputs.shape)}; use mode 'global' or 'classwise' for (N, C) outputs"
+            )
+        return outputs.reshape(-1).abs()
+    top2 = _multiclass_outputs(outputs, mode).topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]) * _GAP_SCALE[mode]
+
+
+def _correct(outputs: Tensor, target: Tensor, mode: str) -> Tensor:
+    """Whether each prediction is right, (N,) bool."""
+    if mode == "binary":
+        f, signs = binary_signs(outputs, target)
+        return (f > 0) == (signs > 0)
+    mask = multiclass_mask(_multiclass_outputs(outputs, mode), target)
+    return mask.gather(1, outputs.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def certified_robust_accuracy(
+    outputs: Tensor,
+    target: Tensor,
+    eps: float | Sequence[float] | Tensor,
+    mode: CertificateMode,
+) -> Tensor:
+    """Fraction of points correctly classified with a certificate ``> eps``, for every eps.
+
+    All eps are evaluated in one pass over the certificates.
+
+    Args:
+        outputs: logits (see :func:`certificates`).
+        target: labels of the N points.
+        eps: one radius or a sequence of radii (>= 0).
+        mode: the model's certificate mode.
+
+    Returns:
+        A float tensor with the shape of ``eps``: (len(eps),) for a sequence, 0-dim for a float.
+    """
+    eps_tensor = torch.as_tensor(eps, dtype=outputs.dtype, device=outputs.device)
+    if eps_tensor.dim() > 1:
+        raise ValueError(f"eps must be a number or a 1-D sequence, got shape {eps_tensor.shape}")
+    if bool((eps_tensor < 0).any() | eps_tensor.isnan().any()):
+        raise ValueError(f"eps must be >= 0, got {eps_tensor.tolist()}")
+    radii = certificates(outputs, mode)
+    correct = _correct(outputs, target, mode)
+    if radii.numel() == 0:
+        raise ValueError("outputs hold no point: certified accuracy of an empty set")
+    certified_radii = torch.where(correct, radii, torch.full_like(radii, -math.inf))
+    certified = certified_radii[:, None] > eps_tensor.reshape(1, -1)
+    return certified.to(outputs.dtype).mean(dim=0).reshape(eps_tensor.shape)
+
+
+def provable_avg_robustness(outputs: Tensor, target: Tensor, mode: CertificateMode) -> Tensor:
+    r"""Average certified radius: :math:`\frac{1}{N}\sum_i r_i\,\mathbb{1}[\hat y_i = y_i]`.
+
+    The certificate of a correctly classified point, 0 for a misclassified one, averaged over all
+    N points (the "average certified radius" of the certified-robustness literature). It is the
+    area under the certified-accuracy curve, :math:`\int_0^\infty \mathrm{CRA}(e)\,de`.
+    Returns a 0-dim tensor.
+    """
+    radii = certificates(outputs, mode)
+    correct = _correct(outputs, target, mode)
+    return torch.where(correct, radii, torch.zeros_like(radii)).mean()
+
+
+def mean_certifiable_robustness(outputs: Tensor, target: Tensor, mode: CertificateMode) -> Tensor:
+    r"""Mean signed margin, turned into an L2 radius: negative on misclassified points.
+
+    * binary: :math:`\mathbb{E}[y f(x)]` with y in {-1, +1};
+    * multiclass: :math:`s\,\mathbb{E}[f_y(x) - \max_{j \neq y} f_j(x)]` with s = 1/sqrt(2)
+      (``"global"``) or 1/2 (``"classwise"``).
+
+    On a correctly classified point the term is its certificate; on a wrong one, minus the
+    smallest perturbation that could make it right as far as the Lipschitz bound can tell.
+    Returns a 0-dim tensor.
+    """
+    mode = _check_mode(mode)
+    if mode == "binary":
+        f, signs = binary_signs(outputs, target)
+        return (signs * f).mean()
+    mask = multiclass_mask(_multiclass_outputs(outputs, mode), target)
+    true_logit = (outputs * mask).sum(dim=1)
+    best_other = outputs.masked_fill(mask, -math.inf).amax(dim=1)
+    return (true_logit - best_other).mean() * _GAP_SCALE[mode]
+
+
+def certificate_mode(model: nn.Module) -> CertificateMode:
+    """The certificate mode a model declares in its ``certificate_mode`` attribute."""
+    mode = getattr(model, "certificate_mode", None)
+    if mode is None:
+        raise ValueError(
+            f"{type(model).__name__} has no certificate_mode: build it with "
+            "liptune.nn.LipschitzSequential, or set model.certificate_mode to one of "
+            f"{CERTIFICATE_MODES} if you know that the model is 1-Lipschitz"
+        )
+    return _check_mode(mode)  # type: ignore[return-value]
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return fallback if parameter is None else parameter.device
+
+
+def predict_with_certificates(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int = 1024,
+    mode: CertificateMode | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, predicted classes and certificates of a model on ``x``, in eval mode, no grad.
+
+    The model's train/eval mode is restored afterwards. Batches run on the model's device; the
+    results are returned on ``x``'s device.
+
+    Args:
+        model: a 1-Lipschitz classifier.
+        x: inputs (N, ...).
+        batch_size: points per forward pass.
+        mode: the certificate mode; default :func:`certificate_mode` of the model.
+
+    Returns:
+        ``(logits, predictions, radii)``: logits as the model returns them ((N,), (N, 1) or
+        (N, C)); predictions (N,) int64 (binary: 1 where f(x) > 0, else 0); radii (N,).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one input along dim 0, got {tuple(x.shape)}")
+    mode = _check_mode(mode) if mode is not None else certificate_mode(model)
+    device = _model_device(model, x.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = torch.cat(
+                [model(batch.to(device)).to(x.device) for batch in x.split(batch_size)]
+            )
+    finally:
+        model.train(was_training)
+    if mode == "binary":
+        predictions = (logits.reshape(-1) > 0).long()
+    else:
+        predictions = _multiclass_outputs(logits, mode).argmax(dim=1)
+    return logits, predictions, certificates(logits, mode)

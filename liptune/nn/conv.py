@@ -1,0 +1,110 @@
+r"""1-Lipschitz 2-D convolution.
+
+The kernel of shape ``(out, in, kh, kw)`` is reshaped to the matrix ``(out, in*kh*kw)``,
+spectrally normalised and orthonormalised like :class:`~liptune.nn.SpectralLinear`, then
+multiplied by :math:`1/\sqrt{\lceil kh/sh \rceil \lceil kw/sw \rceil}`. Each input pixel is
+seen by at most :math:`\lceil kh/sh \rceil \lceil kw/sw \rceil` output positions, so
+:math:`\|\mathrm{conv}\|_2 \le \sqrt{\lceil kh/sh \rceil \lceil kw/sw \rceil}\,\|W\|_2`, and
+the scaled layer is 1-Lipschitz for zero and circular padding alike.
+"""
+
+import math
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from liptune.nn._validation import check_input_dims, pair, positive_int
+from liptune.nn.parametrizations import BjorckSpectral
+
+__all__ = ["SpectralConv2d"]
+
+_PADDING_MODES = ("zeros", "circular")
+
+
+class SpectralConv2d(nn.Conv2d):
+    r"""2-D convolution whose operator norm is at most 1.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        kernel_size: ``int`` or ``(kh, kw)``.
+        stride: ``int`` or ``(sh, sw)``.
+        padding: ``int``, ``(ph, pw)`` or ``"same"`` (stride 1 only; even kernels pad one
+            more pixel at the bottom/right, as ``nn.Conv2d`` does).
+        padding_mode: ``"zeros"`` or ``"circular"``.
+        bias: learn an additive bias.
+        power_iterations: power-iteration steps per training step (>= 1).
+        bjorck_iterations: maximum Björck steps; ``0`` disables Björck.
+        bjorck_tolerance: Björck stops early once :math:`\|W W^\top - I\|_F` is below it.
+
+    Shape:
+        input ``(N, in_channels, H, W)``, output ``(N, out_channels, H', W')`` with the sizes
+        of ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        padding_mode: str = "zeros",
+        bias: bool = True,
+        *,
+        power_iterations: int = 1,
+        bjorck_iterations: int = 15,
+        bjorck_tolerance: float = 1e-4,
+    ) -> None:
+        positive_int("in_channels", in_channels)
+        positive_int("out_channels", out_channels)
+        kernel = pair("kernel_size", kernel_size)
+        strides = pair("stride", stride)
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if isinstance(padding, str):
+            if padding != "same":
+                raise ValueError(f'padding must be an int, a pair or "same", got {padding!r}')
+            if strides != (1, 1):
+                raise ValueError(f'padding="same" needs stride 1, got stride={strides}')
+        else:
+            paddings = (padding, padding) if isinstance(padding, int) else tuple(padding)
+            if len(paddings) != 2 or any(
+                isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in paddings
+            ):
+                raise ValueError(f"padding must be integers >= 0, got {padding!r}")
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel,
+            stride=strides,
+            padding=padding,
+            padding_mode=padding_mode,
+            bias=bias,
+        )
+        overlap = math.ceil(kernel[0] / strides[0]) * math.ceil(kernel[1] / strides[1])
+        parametrize.register_parametrization(
+            self,
+            "weight",
+            BjorckSpectral(
+                self.weight,
+                power_iterations=power_iterations,
+                bjorck_iterations=bjorck_iterations,
+                bjorck_tolerance=bjorck_tolerance,
+                scale=1.0 / math.sqrt(overlap),
+            ),
+        )
+
+    def reset_parameters(self) -> None:
+        nn.init.orthogonal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_input_dims(type(self).__name__, input.shape, (4,), "4-D (N, C, H, W)")
+        if input.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.in_channels} input channels, "
+                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+        return self._conv_forward(input, self.weight, self.bias)
