@@ -1,0 +1,140 @@
+"""The MLflow record of a trial: parameters, per-epoch and final metrics, tags, the logged
+model, its ONNX file and radii, and the registry round trip."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from worker.datasets import load_dataset
+from worker.radii import RadiiSummary
+from worker.spec import TrialSpec
+from worker.tracking import MODEL_URI_TAG, TrackingConfig, flatten_params, register_model
+from worker.trial import FAILURE_TAG, run_trial
+
+torch.set_num_threads(1)
+TAGS = {"liptune.study_id": "abc123", "liptune.trial_number": "7"}
+EXPERIMENT = "liptune/test-study/abc123"
+
+
+def spec(**overrides) -> TrialSpec:
+    return TrialSpec.model_validate(
+        {
+            "name": "tracked",
+            "dataset": {"name": "digits"},
+            "model": {"name": "mlp", "widths": [32, 32]},
+            "training": {"epochs": 3, "batch_size": 64, "lr": 3e-3},
+            "loss": {"family": "hkr", "margin": 0.4},
+            "eps": [0.1, 0.5],
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    config = TrackingConfig.for_home(home)
+    result = run_trial(spec(), tracking=config, experiment=EXPERIMENT, tags=TAGS, data_roots=[])
+    assert result.status == "completed"
+    return config, result
+
+
+def test_embedded_default_lives_under_the_data_directory(tracked, tmp_path_factory):
+    config, result = tracked
+    assert config.tracking_uri.startswith("sqlite:///") and config.tracking_uri.endswith(
+        "/mlflow.db"
+    )
+    experiment = config.client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location.startswith(config.artifact_root.as_uri())
+    run = config.client.get_run(result.run_id)
+    assert run.info.experiment_id == experiment.experiment_id
+    assert run.info.status == "FINISHED"
+
+
+def test_run_holds_every_parameter_and_the_tags(tracked):
+    config, result = tracked
+    run = config.client.get_run(result.run_id)
+    params = run.data.params
+    expected = flatten_params(spec().model_dump(mode="json"))
+    assert {key: params[key] for key in expected} == expected
+    assert params["loss.family"] == "hkr" and params["loss.margin"] == "0.4"
+    assert params["loss.alpha_kr"] == "50.0"  # the default the loss actually used
+    assert params["model.widths"] == "[32, 32]" and params["training.epochs"] == "3"
+    tags = run.data.tags
+    assert tags["liptune.study_id"] == "abc123" and tags["liptune.trial_number"] == "7"
+    assert tags["liptune.loss_family"] == "hkr"
+    assert tags["liptune.certificate_mode"] == "global"
+    assert tags[MODEL_URI_TAG] == result.model_uri and result.model_uri.startswith("models:/m-")
+
+
+def test_run_holds_epoch_metrics_with_steps_and_final_metrics(tracked):
+    config, result = tracked
+    client = config.client
+    history = client.get_metric_history(result.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    by_step = {m.step: m.value for m in history}
+    assert by_step == {r["epoch"]: pytest.approx(r["val_accuracy"]) for r in result.epochs}
+    losses = client.get_metric_history(result.run_id, "train_loss")
+    assert len(losses) == 3
+    assert len(client.get_metric_history(result.run_id, "val_certified_accuracy_eps_0.5")) == 3
+    final = client.get_run(result.run_id).data.metrics
+    for key, value in result.metrics.items():
+        assert final[key] == pytest.approx(value), key
+
+
+def test_logged_model_onnx_and_radii_give_the_trial_s_outputs(tracked, tmp_path, mlflow_store):
+    config, result = tracked
+    splits = load_dataset(spec().dataset, data_roots=[], seed=0)
+    x = splits.test.x[:50]
+    with torch.no_grad():
+        expected = result.model(x).numpy()
+    client = config.client
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"model.onnx", "certificates"} <= artifacts
+    onnx_path = client.download_artifacts(result.run_id, "model.onnx", str(tmp_path))
+    session = onnxruntime.InferenceSession(onnx_path)
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-5)
+    radii_path = client.download_artifacts(result.run_id, "certificates/radii.npz", str(tmp_path))
+    with np.load(radii_path) as saved:
+        assert saved["radii"].shape == (len(splits.test),)
+        assert saved["labels"].tolist() == splits.test.y.tolist()
+        summary = RadiiSummary.from_arrays(saved["radii"], saved["correct"])
+        assert saved["correct"].mean() == pytest.approx(result.metrics["accuracy"])
+    np.testing.assert_allclose(summary.radii, result.radii.radii, atol=2e-5)
+    with mlflow_store(config.tracking_uri):
+        loaded = mlflow.pytorch.load_model(result.model_uri)
+    assert loaded.certificate_mode == "global"
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x).numpy(), expected, atol=1e-6)
+
+
+def test_registered_model_loads_back_by_alias(tracked, mlflow_store):
+    config, result = tracked
+    uri = register_model(config.tracking_uri, result.run_id, "digits-mlp", ["best", "staging"])
+    assert uri == "models:/digits-mlp@best"
+    again = register_model(config.tracking_uri, result.model_uri, "digits-mlp")
+    assert again == "models:/digits-mlp/2"
+    assert str(config.client.get_model_version_by_alias("digits-mlp", "staging").version) == "1"
+    with mlflow_store(config.tracking_uri):
+        loaded = mlflow.pytorch.load_model("models:/digits-mlp@best")
+    x = load_dataset(spec().dataset, data_roots=[], seed=0).test.x[:20]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x), atol=1e-6, rtol=0)
+
+
+def test_failed_trial_is_recorded_as_failed_without_metrics(tracked):
+    config, _ = tracked
+    diverging = spec(loss={"family": "tau_ce", "temperature": 3e38})
+    result = run_trial(diverging, tracking=config, experiment=EXPERIMENT, data_roots=[])
+    assert result.status == "failed" and result.run_id
+    run = config.client.get_run(result.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {}
+    assert "training loss became" in run.data.tags[FAILURE_TAG]
+    assert run.data.params["loss.temperature"] == str(3e38)
+    with pytest.raises(ValueError, match="logged no model"):
+        register_model(config.tracking_uri, result.run_id, "never", ["best"])

@@ -1,0 +1,182 @@
+"""``load_dataset``: from a :class:`~worker.spec.DatasetSpec` to cached tensor splits.
+
+Splitting rules, the same for every data set:
+
+- the test split is the data set's own (IDX ``t10k``, CIFAR ``test_batch``) or, for bundled and
+  synthetic sets, a fixed 20 % carved out with a fixed seed, so every trial is scored on the
+  same points;
+- synthetic sets are generated with ``n_samples`` points (default 2,000) from a fixed seed;
+  for the others ``n_samples`` subsamples the training pool;
+- ``validation_fraction`` of the training pool becomes the validation split; the subsample and
+  this split follow the trial's ``seed``;
+- ``classes`` keeps those classes and relabels them 0..k-1 in the given order.
+
+Raw arrays are cached per resolved files (path, size, mtime) and the finished splits per spec
+and seed, so the trials of a study load their data once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from worker.datasets import synthetic
+from worker.datasets.cifar import read_cifar_dataset
+from worker.datasets.errors import DatasetError
+from worker.datasets.idx import read_idx_dataset
+from worker.datasets.registry import DatasetInfo, dataset_info
+from worker.datasets.splits import DataSplits, Split
+from worker.spec import DatasetSpec
+
+TEST_FRACTION = 0.2
+DEFAULT_SYNTHETIC_SAMPLES = 2000
+#: Generation of synthetic sets and carving of test splits do not depend on the trial's seed.
+DATA_SEED = 0
+_RAW_CACHE_SIZE = 4
+_SPLITS_CACHE_SIZE = 16
+
+_GENERATORS: dict[str, Callable[[int, float, int], tuple[np.ndarray, np.ndarray]]] = {
+    "two-moons": synthetic.two_moons,
+    "snowflake": synthetic.snowflake,
+    "spheres": synthetic.spheres,
+}
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """Arrays as stored (``x / scale`` is in [0, 1]); ``x_test`` is None when not split yet."""
+
+    x_pool: np.ndarray
+    y_pool: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    scale: float
+
+
+_lock = threading.Lock()
+_raw_cache: OrderedDict[tuple, _Raw] = OrderedDict()
+_splits_cache: OrderedDict[tuple, DataSplits] = OrderedDict()
+
+
+def load_dataset(spec: DatasetSpec, *, data_roots: Sequence[Path], seed: int) -> DataSplits:
+    """Load (or take from the cache) the splits of the data set ``spec`` names.
+
+    Files are only read from inside ``data_roots``. Raises :class:`DatasetError` with what to
+    install or which path to set when the data set is missing, and when ``spec.classes`` names
+    a class the data set lacks.
+    """
+    info = dataset_info(spec.name)
+    files = info.locate(data_roots, spec.path)
+    file_key = tuple(
+        (role, str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        for role, path in sorted(files.items())
+    )
+    raw_key: tuple = (info.name, file_key)
+    if info.kind == "synthetic":
+        raw_key += (spec.n_samples or DEFAULT_SYNTHETIC_SAMPLES, spec.noise)
+    classes = tuple(spec.classes) if spec.classes else None
+    splits_key = (raw_key, classes, spec.validation_fraction, spec.n_samples, seed)
+    with _lock:
+        if splits_key in _splits_cache:
+            _splits_cache.move_to_end(splits_key)
+            return _splits_cache[splits_key]
+        raw = _raw_cache.get(raw_key)
+    if raw is None:
+        raw = _read_raw(info, spec, files)
+        with _lock:
+            _remember(_raw_cache, raw_key, raw, _RAW_CACHE_SIZE)
+    splits = _make_splits(info, raw, spec, seed)
+    with _lock:
+        _remember(_splits_cache, splits_key, splits, _SPLITS_CACHE_SIZE)
+    return splits
+
+
+def clear_cache() -> None:
+    """Forget every cached data set (e.g. after replacing files in place)."""
+    with _lock:
+        _raw_cache.clear()
+        _splits_cache.clear()
+
+
+def _remember(cache: OrderedDict, key: tuple, value: object, size: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+def _read_raw(info: DatasetInfo, spec: DatasetSpec, files: dict[str, Path]) -> _Raw:
+    if info.kind == "synthetic":
+        n_samples = spec.n_samples or DEFAULT_SYNTHETIC_SAMPLES
+        x, y = _GENERATORS[info.name](n_samples, spec.noise, DATA_SEED)
+        return _Raw(x, y, None, None, scale=1.0)
+    if info.kind == "bundled":
+        digits = load_digits()
+        images = digits.images.astype(np.float32)[:, None]
+        return _Raw(images, digits.target.astype(np.int64), None, None, scale=16.0)
+    reader = read_idx_dataset if info.file_format == "idx" else read_cifar_dataset
+    x_train, y_train, x_test, y_test = reader(files)
+    if tuple(x_train.shape[1:]) != info.input_shape:
+        raise DatasetError(
+            f"{info.name}: images of shape {tuple(x_train.shape[1:])}, expected {info.input_shape}"
+        )
+    return _Raw(x_train, y_train, x_test, y_test, scale=255.0)
+
+
+def _select(x: np.ndarray, y: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    relabel = np.full(int(max(classes)) + 1, -1, dtype=np.int64)
+    relabel[list(classes)] = np.arange(len(classes))
+    keep = np.isin(y, classes)
+    return x[keep], relabel[y[keep]]
+
+
+def _make_splits(info: DatasetInfo, raw: _Raw, spec: DatasetSpec, seed: int) -> DataSplits:
+    x_pool, y_pool, x_test, y_test = raw.x_pool, raw.y_pool, raw.x_test, raw.y_test
+    if x_test is None:
+        order = np.random.default_rng(DATA_SEED).permutation(len(y_pool))
+        n_test = round(TEST_FRACTION * len(order))
+        x_test, y_test = x_pool[order[:n_test]], y_pool[order[:n_test]]
+        x_pool, y_pool = x_pool[order[n_test:]], y_pool[order[n_test:]]
+    class_names = info.class_names
+    if spec.classes:
+        unknown = [c for c in spec.classes if c >= info.num_classes]
+        if unknown:
+            raise DatasetError(
+                f"classes {unknown} do not exist in {info.name!r}: its labels are "
+                f"0..{info.num_classes - 1} ({', '.join(info.class_names)})"
+            )
+        x_pool, y_pool = _select(x_pool, y_pool, spec.classes)
+        x_test, y_test = _select(x_test, y_test, spec.classes)
+        class_names = tuple(info.class_names[c] for c in spec.classes)
+    order = np.random.default_rng(seed).permutation(len(y_pool))
+    if spec.n_samples is not None and info.kind != "synthetic":
+        order = order[: spec.n_samples]
+    n_val = round(spec.validation_fraction * len(order))
+    if len(order) - n_val < 1:
+        raise DatasetError(f"{info.name}: no training examples left; raise n_samples")
+
+    def split(x: np.ndarray, y: np.ndarray, index: np.ndarray | None = None) -> Split:
+        if index is not None:
+            x, y = x[index], y[index]
+        inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if raw.scale != 1.0:
+            inputs = inputs / raw.scale
+        return Split(inputs, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
+
+    num_classes = len(class_names)
+    return DataSplits(
+        train=split(x_pool, y_pool, np.sort(order[n_val:])),
+        val=split(x_pool, y_pool, np.sort(order[:n_val])),
+        test=split(x_test, y_test),
+        input_shape=info.input_shape,
+        num_classes=num_classes,
+        task="binary" if num_classes == 2 else "multiclass",
+        class_names=class_names,
+    )

@@ -1,0 +1,463 @@
+"""Declarative specs of a trial and of a study, validated with pydantic.
+
+These are the contract between every part of liptune: the service validates a submitted study
+with :class:`StudySpec` (nothing is stored when validation fails), the worker rebuilds the study's
+sampler and each trial's :class:`TrialSpec` from it, and ``liptune train`` reads a
+:class:`TrialSpec` from YAML or JSON. A spec is data, never code: models, losses and data sets are
+named from registries.
+
+Conventions of the field (see DESIGN.md): ``alpha_kr`` is the guideline's weight of the hinge term
+against the KR term (``inf`` = hinge only), the HKR hinge uses ``relu(margin/2 - y f(x))``, and
+tau-cross-entropy is ``CE(temperature * logits, y) / temperature``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+DATASET_NAMES = (
+    "digits",
+    "fashion-mnist",
+    "mnist",
+    "cifar10",
+    "two-moons",
+    "snowflake",
+    "spheres",
+)
+ACTIVATIONS = ("groupsort2", "groupsort", "fullsort", "maxmin", "householder")
+LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "hinge", "kr", "cosine")
+#: The hyper-parameters each loss family reads; the search space only suggests these.
+FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
+    "hkr": ("margin", "alpha_kr"),
+    "soft_hkr": ("margin", "alpha_kr", "temperature"),
+    "tau_ce": ("temperature",),
+    "hinge": ("margin",),
+    "kr": (),
+    "cosine": (),
+}
+LOSS_PARAMS = ("margin", "alpha_kr", "temperature")
+#: Values used when a family needs a parameter the study does not search.
+PARAM_DEFAULTS = {"margin": 0.5, "alpha_kr": 50.0, "temperature": 10.0}
+
+OBJECTIVE_METRICS = (
+    "accuracy",
+    "certified_accuracy",
+    "mean_certified_radius",
+    "empirical_robust_accuracy",
+    "training_time",
+)
+METRICS_WITH_EPS = ("certified_accuracy", "empirical_robust_accuracy")
+DEFAULT_REPORT_EPS = (0.1, 0.25, 0.5, 1.0)
+
+
+def metric_key(metric: str, eps: float | None = None) -> str:
+    """The name a metric is logged and stored under, e.g. ``certified_accuracy_eps_0.3``."""
+    if eps is None:
+        return metric
+    return f"{metric}_eps_{eps:g}"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+class DatasetSpec(_Spec):
+    """A data set from the registry, optionally reduced to a binary or smaller class subset."""
+
+    name: Literal[DATASET_NAMES]  # type: ignore[valid-type]
+    path: str | None = Field(
+        default=None,
+        description="Directory of the files, relative to (or inside) one of the worker's data "
+        "roots. Default: the place the registry knows (a Debian package, a data root).",
+    )
+    classes: list[int] | None = Field(
+        default=None,
+        description="Keep only these classes, relabelled 0..k-1; two classes make a binary task.",
+    )
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.9)
+    n_samples: int | None = Field(
+        default=None, ge=16, le=1_000_000, description="Size of a synthetic set, or a subsample."
+    )
+    noise: float = Field(default=0.05, ge=0.0, le=1.0, description="Noise of synthetic sets.")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is None:
+            return None
+        if len(classes) < 2:
+            raise ValueError("name at least two classes")
+        if len(set(classes)) != len(classes):
+            raise ValueError("classes must be distinct")
+        if min(classes) < 0:
+            raise ValueError("classes are non-negative label indices")
+        return classes
+
+
+class _ModelBase(_Spec):
+    activation: Literal[ACTIVATIONS] = "groupsort2"  # type: ignore[valid-type]
+    group_size: int = Field(default=2, ge=2, description="Group size of `groupsort`.")
+    head: Literal["global", "classwise"] = Field(
+        default="global",
+        description="`global`: the whole logit map is 1-Lipschitz (certificate /sqrt(2)); "
+        "`classwise`: each logit is (certificate /2). Binary tasks use one output.",
+    )
+    bjorck_iterations: int = Field(default=15, ge=0, le=100)
+    power_iterations: int = Field(default=1, ge=1, le=50)
+
+
+class MLPSpec(_ModelBase):
+    name: Literal["mlp"] = "mlp"
+    widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[128, 128], min_length=1)
+
+
+class ConvNetSpec(_ModelBase):
+    """VGG-like: each stage is convolutions then a Lipschitz pooling, then dense layers."""
+
+    name: Literal["convnet"] = "convnet"
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[16, 32], min_length=1, description="Output channels of each stage."
+    )
+    convs_per_stage: int = Field(default=1, ge=1, le=8)
+    kernel_size: int = Field(default=3, ge=1, le=11)
+    pooling: Literal["l2", "avg", "invertible"] = "l2"
+    dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
+
+
+class ResNetSpec(_ModelBase):
+    """A small 1-Lipschitz residual network: x -> (x + block(x)) / 2 inside each stage."""
+
+    name: Literal["resnet"] = "resnet"
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[16, 32], min_length=1)
+    blocks_per_stage: int = Field(default=1, ge=1, le=8)
+    kernel_size: int = Field(default=3, ge=1, le=11)
+    dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
+
+
+ModelSpec = Annotated[MLPSpec | ConvNetSpec | ResNetSpec, Field(discriminator="name")]
+
+
+# --------------------------------------------------------------------------- training and loss
+
+
+class TrainingSpec(_Spec):
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    schedule: Literal["none", "cosine", "step"] = "none"
+    step_size: int = Field(default=10, ge=1, description="Epochs between decays (`step`).")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="Decay factor (`step`).")
+    device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads.")
+
+    @field_validator("lr")
+    @classmethod
+    def _finite_lr(cls, lr: float) -> float:
+        if not math.isfinite(lr):
+            raise ValueError("lr must be finite")
+        return lr
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        base, _, index = device.partition(":")
+        if base not in ("auto", "cpu", "cuda") or (
+            index and (base != "cuda" or not index.isdigit())
+        ):
+            raise ValueError("device must be `auto`, `cpu`, `cuda` or `cuda:N`")
+        return device
+
+
+class LossSpec(_Spec):
+    """One loss family and the values of its hyper-parameters."""
+
+    family: Literal[LOSS_FAMILIES]  # type: ignore[valid-type]
+    margin: float | None = None
+    alpha_kr: float | None = None
+    temperature: float | None = None
+
+    @model_validator(mode="after")
+    def _check_params(self) -> LossSpec:
+        used = FAMILY_PARAMS[self.family]
+        for param in LOSS_PARAMS:
+            value = getattr(self, param)
+            if value is None:
+                continue
+            if param not in used:
+                raise ValueError(f"loss family {self.family!r} takes no {param}")
+            _check_param_value(param, value)
+        return self
+
+    def value(self, param: str) -> float:
+        """The value of ``param``, or its default when the spec leaves it out."""
+        value = getattr(self, param)
+        return PARAM_DEFAULTS[param] if value is None else value
+
+
+def _check_param_value(param: str, value: float) -> None:
+    if math.isnan(value):
+        raise ValueError(f"{param} must be a number, got NaN")
+    if param == "alpha_kr":
+        if value < 0:
+            raise ValueError("alpha_kr must be >= 0 (inf means hinge only)")
+    elif not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{param} must be a finite number > 0, got {value}")
+
+
+class PGDSpec(_Spec):
+    """Empirical robust accuracy by an L2 PGD attack on a sample of the test split."""
+
+    eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(default=[0.25, 0.5])
+    steps: int = Field(default=20, ge=1, le=1000)
+    n_samples: int = Field(default=256, ge=1, le=100_000)
+
+
+class TrialSpec(_Spec):
+    """Everything one training needs; ``liptune train SPEC`` reads this."""
+
+    name: str = Field(default="trial", min_length=1, max_length=200)
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=MLPSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    loss: LossSpec
+    eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
+        default=list(DEFAULT_REPORT_EPS), description="Certified accuracy is reported at these."
+    )
+    pgd: PGDSpec | None = None
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+# --------------------------------------------------------------------------- study
+
+
+class Range(_Spec):
+    """A numeric interval to search, linear or logarithmic."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite (use a list to include inf)")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+def _param_space_kind(value: Any) -> str:
+    if isinstance(value, dict | Range):
+        return "range"
+    return "choices" if isinstance(value, list) else "fixed"
+
+
+ParamSpace = Annotated[
+    Annotated[Range, Tag("range")]
+    | Annotated[list[float], Tag("choices")]
+    | Annotated[float, Tag("fixed")],
+    Discriminator(_param_space_kind),
+]
+
+
+class SearchSpace(_Spec):
+    """The loss families to try and the values of their hyper-parameters.
+
+    Each parameter is a :class:`Range`, a list of choices, or a fixed value; it is suggested only
+    in trials whose family uses it (the space is conditional).
+    """
+
+    loss: list[Literal[LOSS_FAMILIES]] | Literal[LOSS_FAMILIES] = Field(  # type: ignore[valid-type]
+        default=["hkr"]
+    )
+    margin: ParamSpace | None = None
+    alpha_kr: ParamSpace | None = None
+    temperature: ParamSpace | None = None
+
+    @field_validator("loss")
+    @classmethod
+    def _families_list(cls, loss: list[str] | str) -> list[str]:
+        families = [loss] if isinstance(loss, str) else list(loss)
+        if not families:
+            raise ValueError("name at least one loss family")
+        if len(set(families)) != len(families):
+            raise ValueError("loss families must be distinct")
+        return families
+
+    @model_validator(mode="after")
+    def _params_used_and_valid(self) -> SearchSpace:
+        used = {p for family in self.families for p in FAMILY_PARAMS[family]}
+        for param in LOSS_PARAMS:
+            space = getattr(self, param)
+            if space is None:
+                continue
+            if param not in used:
+                raise ValueError(
+                    f"{param} is searched but none of the loss families {self.families} uses it"
+                )
+            if isinstance(space, Range):
+                _check_param_value(param, space.low)
+                _check_param_value(param, space.high)
+            elif isinstance(space, list):
+                if not space:
+                    raise ValueError(f"{param}: a list of choices needs at least one value")
+                for value in space:
+                    _check_param_value(param, value)
+            else:
+                _check_param_value(param, space)
+        return self
+
+    @property
+    def families(self) -> list[str]:
+        return list(self.loss)  # normalised to a list by the validator
+
+
+class Objective(_Spec):
+    metric: Literal[OBJECTIVE_METRICS]  # type: ignore[valid-type]
+    eps: float | None = Field(default=None, gt=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _eps_where_needed(self) -> Objective:
+        if self.metric in METRICS_WITH_EPS and self.eps is None:
+            raise ValueError(f"{self.metric} needs an eps")
+        if self.metric not in METRICS_WITH_EPS and self.eps is not None:
+            raise ValueError(f"{self.metric} takes no eps")
+        return self
+
+    @property
+    def key(self) -> str:
+        return metric_key(self.metric, self.eps)
+
+    @property
+    def direction(self) -> Literal["maximize", "minimize"]:
+        return "minimize" if self.metric == "training_time" else "maximize"
+
+
+class Requirement(Objective):
+    """A constraint on a trial's metric; the front shows only trials that meet all of them."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Requirement:
+        if (self.min is None) == (self.max is None):
+            raise ValueError("a requirement takes exactly one of min or max")
+        return self
+
+    def violation(self, value: float) -> float:
+        """Optuna's convention: <= 0 when the requirement is met."""
+        return self.min - value if self.min is not None else value - self.max  # type: ignore[operator]
+
+
+SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "grid", "qmc")
+
+
+class StudySpec(_Spec):
+    """A study: which model on which data, which loss hyper-parameters to search, for what."""
+
+    name: str = Field(min_length=1, max_length=200)
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=MLPSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [
+            Objective(metric="accuracy"),
+            Objective(metric="certified_accuracy", eps=0.5),
+        ],
+        min_length=1,
+        max_length=4,
+    )
+    requirements: list[Requirement] = Field(default_factory=list, max_length=8)
+    eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
+        default=list(DEFAULT_REPORT_EPS), description="Certified accuracy is logged at these too."
+    )
+    pgd: PGDSpec | None = None
+    n_trials: int = Field(default=20, ge=1, le=100_000)
+    sampler: Literal[SAMPLERS] = "auto"  # type: ignore[valid-type]
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    baselines: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Parameter sets enqueued before the search, e.g. "
+        '{"loss": "cosine"} or {"loss": "hkr", "margin": 0.5, "alpha_kr": 100}.',
+    )
+    max_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries of a dead worker's trial."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        keys = [objective.key for objective in self.objectives]
+        if len(set(keys)) != len(keys):
+            raise ValueError("objectives must be distinct")
+        needs_pgd = any(o.metric == "empirical_robust_accuracy" for o in self.objectives)
+        needs_pgd |= any(r.metric == "empirical_robust_accuracy" for r in self.requirements)
+        if needs_pgd and self.pgd is None:
+            raise ValueError("empirical_robust_accuracy needs a `pgd` section")
+        for index, baseline in enumerate(self.baselines):
+            try:
+                loss_spec_from_params(baseline)
+            except ValueError as error:
+                raise ValueError(f"baselines[{index}]: {error}") from None
+        return self
+
+    def report_eps(self) -> list[float]:
+        """Every eps at which certified accuracy is computed: the reporting list, objectives'
+        and requirements'."""
+        wanted = set(self.eps)
+        for item in (*self.objectives, *self.requirements):
+            if item.metric == "certified_accuracy" and item.eps is not None:
+                wanted.add(item.eps)
+        return sorted(wanted)
+
+    def trial_spec(self, params: dict[str, Any], *, seed: int) -> TrialSpec:
+        """The trial that a set of suggested parameters stands for."""
+        pgd = self.pgd
+        pgd_eps = {
+            item.eps
+            for item in (*self.objectives, *self.requirements)
+            if item.metric == "empirical_robust_accuracy"
+        }
+        if pgd is not None and pgd_eps - set(pgd.eps):
+            pgd = pgd.model_copy(update={"eps": sorted(set(pgd.eps) | pgd_eps)})
+        return TrialSpec(
+            name=self.name,
+            dataset=self.dataset,
+            model=self.model,
+            training=self.training,
+            loss=loss_spec_from_params(params),
+            eps=self.report_eps(),
+            pgd=pgd,
+            seed=seed,
+        )
+
+
+def loss_spec_from_params(params: dict[str, Any]) -> LossSpec:
+    """A :class:`LossSpec` from Optuna-style parameters ``{"loss": ..., "margin": ...}``."""
+    if "loss" not in params:
+        raise ValueError("parameters must name the loss family under `loss`")
+    unknown = set(params) - {"loss", *LOSS_PARAMS}
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)}")
+    values = {k: float(v) for k, v in params.items() if k != "loss" and v is not None}
+    return LossSpec(family=params["loss"], **values)

@@ -1,0 +1,163 @@
+"""The study storage: Optuna's RDB storage, configured so that many workers can share it.
+
+One database holds Optuna's tables (``studies``, ``trials``, ...), liptune's trial claims
+(:mod:`worker.claims`) and the service's tables; all of liptune's are prefixed ``liptune_``.
+
+* SQLite (the embedded default, one machine): the file is switched to WAL journal mode (readers
+  never block the writer) and every connection waits up to :data:`SQLITE_BUSY_TIMEOUT_S` for a
+  lock instead of failing with "database is locked", so several local worker processes can
+  share it.
+* PostgreSQL (many machines): connections are checked before use (``pool_pre_ping``), so a
+  worker survives a server restart or an idle connection dropped by a proxy.
+
+Optuna's own heartbeat thread only runs inside ``study.optimize``; liptune's workers use ask/tell
+and record heartbeats themselves (:class:`worker.pool.Heartbeat`), at ``heartbeat_interval``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sqlite3
+import warnings
+from typing import Any
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import Engine, make_url
+
+#: How long a SQLite connection waits for another process's write lock before giving up.
+SQLITE_BUSY_TIMEOUT_S = 120.0
+#: Seconds between two heartbeats of a running trial.
+DEFAULT_HEARTBEAT_INTERVAL_S = 30
+#: A running trial without a heartbeat for this long belongs to a dead worker.
+DEFAULT_GRACE_PERIOD_S = 120
+
+
+def resolve_url(url: str) -> str:
+    """``url`` with a database driver that is installed.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` URL with psycopg 3; when only psycopg2 is
+    installed, the URL is read with it instead.
+    """
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _check_shared_url(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ValueError(
+            f"storage {url!r} is an in-memory SQLite database, which no other process or "
+            "connection can see; name a file, e.g. sqlite:////path/to/liptune.db"
+        )
+
+
+def _enable_wal(url: str) -> None:
+    """Switch a SQLite file to WAL journal mode (a persistent property of the file)."""
+    path = make_url(url).database
+    connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cursor.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; commits skip an fsync
+    cursor.close()
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """``create_engine`` keyword arguments that make ``url`` safe to share between workers."""
+    if is_sqlite(url):
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
+    return {"pool_pre_ping": True}
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL_S,
+    grace_period: int = DEFAULT_GRACE_PERIOD_S,
+) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on ``url`` (``sqlite:///FILE`` or ``postgresql://...``).
+
+    ``heartbeat_interval`` and ``grace_period`` (whole seconds, Optuna's unit) are what
+    ``optuna.storages.fail_stale_trials`` and the workers' stale-trial check go by.
+    """
+    url = resolve_url(url)
+    _check_shared_url(url)
+    if heartbeat_interval <= 0 or grace_period <= 0:
+        raise ValueError(
+            f"heartbeat_interval ({heartbeat_interval}) and grace_period ({grace_period}) "
+            "must be positive whole seconds"
+        )
+    if grace_period <= heartbeat_interval:
+        raise ValueError(
+            f"grace_period ({grace_period} s) must exceed heartbeat_interval "
+            f"({heartbeat_interval} s), or live trials would be failed as stale"
+        )
+    if is_sqlite(url):
+        _enable_wal(url)
+    with warnings.catch_warnings():  # heartbeats are experimental, and what workers need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs(url),
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )
+    if is_sqlite(url):
+        sqlalchemy.event.listen(storage.engine, "connect", _set_sqlite_pragmas)
+        storage.engine.dispose()  # connections opened during set-up lack the pragmas
+    return storage
+
+
+def _begin_immediate(connection: sqlalchemy.Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _disable_pysqlite_transactions(dbapi_connection: Any, record: Any) -> None:
+    # pysqlite would issue BEGIN itself, lazily, only before the first write; the engine's
+    # "begin" listener issues BEGIN IMMEDIATE instead, so reads inside a transaction are
+    # protected by the write lock too.
+    dbapi_connection.isolation_level = None
+    _set_sqlite_pragmas(dbapi_connection, record)
+
+
+@functools.cache
+def transaction_engine(url: str) -> Engine:
+    """An SQLAlchemy engine on ``url`` for liptune's own tables, one per URL and process.
+
+    Every transaction on it is serialised against other writers: on SQLite it starts with
+    ``BEGIN IMMEDIATE`` (the write lock is taken before the first read); on PostgreSQL rows are
+    locked with ``SELECT ... FOR UPDATE`` by the caller.
+    """
+    _check_shared_url(url)
+    if is_sqlite(url):
+        _enable_wal(url)
+        engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
+        sqlalchemy.event.listen(engine, "connect", _disable_pysqlite_transactions)
+        sqlalchemy.event.listen(engine, "begin", _begin_immediate)
+        return engine
+    return sqlalchemy.create_engine(url, pool_size=2, max_overflow=2, **engine_kwargs(url))
+
+
+def storage_url(storage: optuna.storages.BaseStorage | str) -> str:
+    """The URL of a storage (or the URL itself), with the password kept."""
+    if isinstance(storage, str):
+        return storage
+    if isinstance(storage, optuna.storages.RDBStorage):
+        return storage.url
+    raise TypeError(
+        f"liptune needs an RDB storage (SQLite or PostgreSQL URL), got {type(storage).__name__}"
+    )

@@ -1,0 +1,287 @@
+"""MLflow: one experiment per study, one run per trial, the exported model and its certificates.
+
+Every call goes through an :class:`mlflow.MlflowClient` bound to the configured tracking URI, so
+threads of one process never share a fluent "active run". ``mlflow.pytorch.log_model`` reads
+the process-wide tracking URI: it runs under a lock with that URI set for the duration of the
+call.
+
+Speed: the model is pickled (``torch.export``'s pt2 format takes seconds), its pip requirements
+are stated (inferring them starts a subprocess) and system metrics are off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Before mlflow is imported: no usage telemetry, no system metrics sampling thread.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+import mlflow
+import mlflow.pytorch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+from worker.paths import default_artifact_root, default_tracking_uri
+
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+#: The run tag that holds the logged model's URI (``models:/m-...``).
+MODEL_URI_TAG = "liptune.model_uri"
+MODEL_NAME = "model"
+ONNX_ARTIFACT = "model.onnx"
+RADII_ARTIFACT = "certificates/radii.npz"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# mlflow.pytorch.log_model and model-version creation read the process-wide tracking URI.
+_global_uri_lock = threading.RLock()
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs go: an MLflow tracking URI and, for a local store, the artifact folder.
+
+    ``artifact_root`` is used as the artifact location of the experiments this module creates;
+    ``None`` leaves it to the tracking server (``mlflow server --artifacts-destination``).
+    """
+
+    tracking_uri: str
+    artifact_root: Path | None = None
+
+    @classmethod
+    def for_home(cls, home: Path) -> TrackingConfig:
+        """The embedded default: ``sqlite:///HOME/mlflow.db`` with artifacts in
+        ``HOME/mlartifacts``."""
+        return cls(default_tracking_uri(home), default_artifact_root(home))
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return _client(self.tracking_uri)
+
+
+@lru_cache(maxsize=8)
+def _client(tracking_uri: str) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(config: TrackingConfig, name: str) -> str:
+    """The id of the experiment ``name``, created (with the configured artifact location) if
+    it does not exist yet; safe when several workers create it at once."""
+    client = config.client
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if config.artifact_root is not None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:80]
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        location = (Path(config.artifact_root).resolve() / f"{slug}-{digest}").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1, "c": [1, 2]}}`` -> ``{"a.b": "1", "a.c": "[1, 2]"}``; ``None`` left out."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+def start_run(
+    config: TrackingConfig,
+    *,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    start_time: float | None = None,
+) -> str:
+    """Create a run with its parameters and tags (one round trip after creation); its id."""
+    client = config.client
+    start_ms = int(1000 * (start_time if start_time is not None else time.time()))
+    run = client.create_run(
+        experiment_id(config, experiment), start_time=start_ms, run_name=run_name
+    )
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(key, str(value)) for key, value in params.items()],
+        tags=[RunTag(key, str(value)) for key, value in tags.items()],
+    )
+    return run.info.run_id
+
+
+def log_metrics(
+    config: TrackingConfig,
+    run_id: str,
+    metrics: Mapping[str, float],
+    *,
+    epochs: Sequence[Mapping[str, float]] = (),
+    end_times: Sequence[float] | None = None,
+    model_uri: str | None = None,
+) -> None:
+    """Final ``metrics`` (step 0, linked to the logged model ``model_uri`` when given) and the
+    per-epoch records, each at ``step = record["epoch"]`` and stamped with the epoch's end time
+    (``end_times``, Unix seconds), all in one batch."""
+    now = time.time()
+    model_id = model_uri.rsplit("/", 1)[-1] if model_uri else None
+    batch = [
+        Metric(key, float(value), int(1000 * now), 0, model_id=model_id, run_id=run_id)
+        for key, value in metrics.items()
+    ]
+    for index, record in enumerate(epochs):
+        stamp = int(1000 * (end_times[index] if end_times is not None else now))
+        batch.extend(
+            Metric(key, float(value), stamp, int(record["epoch"]))
+            for key, value in record.items()
+            if key != "epoch"
+        )
+    config.client.log_batch(run_id, metrics=batch)
+
+
+def set_tags(config: TrackingConfig, run_id: str, tags: Mapping[str, str]) -> None:
+    config.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def end_run(config: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    config.client.set_terminated(run_id, status=status)
+
+
+def log_model(
+    config: TrackingConfig,
+    run_id: str,
+    model: nn.Module,
+    input_example: torch.Tensor,
+) -> str:
+    """Log ``model`` (a plain, picklable module: the exported model, never a parametrised one)
+    with ``mlflow.pytorch.log_model`` under the name ``"model"``, with its signature and
+    ``input_example`` (a small batch). Returns the logged model's URI (``models:/m-...``),
+    also stored in the run's tag ``liptune.model_uri``."""
+    example = input_example.detach().cpu().numpy()
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(input_example.detach().cpu()).numpy()
+    signature = infer_signature(example, output)
+    pytorch_logger = logging.getLogger("mlflow.pytorch")
+    with _global_uri_lock, _use_tracking_uri(config.tracking_uri):
+        previous_level = pytorch_logger.level
+        pytorch_logger.setLevel(logging.ERROR)  # the notice that pickles can run code
+        try:
+            info = mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                run_id=run_id,
+                signature=signature,
+                input_example=example,
+                serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "liptune"],
+            )
+        finally:
+            pytorch_logger.setLevel(previous_level)
+    set_tags(config, run_id, {MODEL_URI_TAG: info.model_uri})
+    return info.model_uri
+
+
+def log_onnx(config: TrackingConfig, run_id: str, onnx_path: Path) -> None:
+    """The ONNX file as the run's artifact ``model.onnx``."""
+    if onnx_path.name != ONNX_ARTIFACT:
+        raise ValueError(f"name the ONNX file {ONNX_ARTIFACT!r}, got {onnx_path.name!r}")
+    config.client.log_artifact(run_id, str(onnx_path))
+
+
+def log_radii(
+    config: TrackingConfig,
+    run_id: str,
+    *,
+    radii: np.ndarray,
+    correct: np.ndarray,
+    labels: np.ndarray,
+) -> None:
+    """The test split's certificates as ``certificates/radii.npz``: arrays ``radii`` (float32,
+    (N,)), ``correct`` (bool, (N,)) and ``labels`` (int64, (N,))."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(RADII_ARTIFACT).name
+        np.savez_compressed(
+            path,
+            radii=np.asarray(radii, dtype=np.float32),
+            correct=np.asarray(correct, dtype=bool),
+            labels=np.asarray(labels, dtype=np.int64),
+        )
+        config.client.log_artifact(
+            run_id, str(path), artifact_path=str(Path(RADII_ARTIFACT).parent)
+        )
+
+
+def register_model(
+    tracking_uri: str,
+    model_uri_or_run_id: str,
+    name: str,
+    aliases: Sequence[str] = (),
+) -> str:
+    """Register a logged model under ``name`` and point ``aliases`` at the new version.
+
+    ``model_uri_or_run_id`` is a logged model's URI (``models:/m-...``) or the id of a run whose
+    ``liptune.model_uri`` tag names one. Returns ``models:/NAME@ALIAS`` (the first alias) or
+    ``models:/NAME/VERSION``; load it with ``mlflow.pytorch.load_model``.
+    """
+    client = _client(tracking_uri)
+    model_uri = model_uri_or_run_id
+    if _RUN_ID.match(model_uri_or_run_id):
+        tags = client.get_run(model_uri_or_run_id).data.tags
+        if MODEL_URI_TAG not in tags:
+            raise ValueError(
+                f"run {model_uri_or_run_id} logged no model (no {MODEL_URI_TAG} tag): "
+                "only completed trials can be registered"
+            )
+        model_uri = tags[MODEL_URI_TAG]
+    if not model_uri.startswith("models:/m-"):
+        raise ValueError(
+            f"expected a logged model URI (models:/m-...) or a run id, got {model_uri_or_run_id!r}"
+        )
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # MLflow resolves a `models:/m-...` source through the process-wide tracking URI.
+    with _global_uri_lock, _use_tracking_uri(tracking_uri):
+        version = client.create_model_version(
+            name,
+            source=model_uri,
+            run_id=logged.source_run_id,
+            model_id=logged.model_id,
+            await_creation_for=0,
+        )
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    if aliases:
+        return f"models:/{name}@{aliases[0]}"
+    return f"models:/{name}/{version.version}"

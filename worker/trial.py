@@ -1,0 +1,304 @@
+"""One trial end to end: data, model, training, evaluation, export, MLflow.
+
+:func:`run_trial` is the unit of work that studies repeat. Its outcome is a
+:class:`TrialResult`:
+
+- ``"completed"``: metrics of the exported model on the test split, its radii, the MLflow run;
+- ``"failed"``: the loss diverged (NaN/inf), or the exported model's Lipschitz upper bound
+  exceeds ``1 + LIPSCHITZ_TOLERANCE`` (its certificates would not hold). No metric is recorded;
+  the MLflow run is marked FAILED with the reason in the tag ``liptune.failure_reason``;
+- ``"cancelled"``: ``should_stop`` answered True between two epochs (MLflow run KILLED, with the
+  epochs done).
+
+A spec that cannot run at all (missing data set, an architecture that does not fit the input, a
+loss without a variant for the task) raises before anything is trained or logged:
+:class:`~worker.datasets.DatasetError` or ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from liptune.export import export_onnx, lipschitz_upper_bound, vanilla_export
+from worker import tracking
+from worker.datasets import DataSplits, load_dataset
+from worker.evaluation import (
+    Predictions,
+    accuracy_metrics,
+    pgd_metrics,
+    predict,
+    robustness_metrics,
+)
+from worker.losses import build_loss
+from worker.models import build_model
+from worker.paths import default_data_roots, liptune_home
+from worker.radii import RadiiSummary
+from worker.spec import FAMILY_PARAMS, TrialSpec
+from worker.training import TrainingRun, resolve_device, train
+
+#: A model whose Lipschitz upper bound exceeds 1 + this is never recorded as a result.
+LIPSCHITZ_TOLERANCE = 1e-3
+FAILURE_TAG = "liptune.failure_reason"
+# Parameter initialisation draws from torch's global generator: seeding and building happen
+# under one lock so that trials in parallel threads stay reproducible.
+_init_lock = threading.Lock()
+_threads_lock = threading.Lock()
+
+Status = Literal["completed", "failed", "cancelled"]
+
+
+@dataclass
+class TrialResult:
+    """The outcome of :func:`run_trial`.
+
+    ``metrics`` (empty unless completed) maps :func:`worker.spec.metric_key` names to floats;
+    ``epochs`` holds one record per finished epoch (``epoch``, ``train_loss``,
+    ``val_accuracy``, ``val_certified_accuracy_eps_{e}``, ``lr``, ``seconds``); ``radii``
+    summarises the test split's certificates; ``model`` is the exported (plain, picklable)
+    model on the CPU; ``timings`` the seconds spent in each phase (``data``, ``training``,
+    ``export``, ``lipschitz_bound``, ``evaluation``, ``pgd``, ``tracking`` which includes
+    ``onnx``).
+    """
+
+    status: Status
+    metrics: dict[str, float] = field(default_factory=dict)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    radii: RadiiSummary | None = None
+    certificate_mode: str | None = None
+    failure_reason: str | None = None
+    run_id: str | None = None
+    model_uri: str | None = None
+    model: nn.Module | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_trial(
+    spec: TrialSpec,
+    *,
+    tracking: tracking.TrackingConfig | None,
+    experiment: str | None = None,
+    tags: dict[str, str] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    data_roots: list[Path] | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> TrialResult:
+    """Train, evaluate and record the trial ``spec`` describes.
+
+    Args:
+        spec: the trial.
+        tracking: where to log the MLflow run; ``None`` logs nothing.
+        experiment: the MLflow experiment; default ``liptune/train/{spec.name}``.
+        tags: extra run tags (e.g. ``liptune.study_id``, ``liptune.trial_number``).
+        should_stop: asked before every epoch; True cancels the trial.
+        on_epoch: called with each epoch's record.
+        data_roots: directories data may be read from; default those of the data directory.
+        device: overrides ``spec.training.device``.
+        threads: overrides ``spec.training.threads`` (torch's intra-op threads, restored after).
+    """
+    timings: dict[str, float] = {}
+    started_at = time.time()
+    roots = data_roots if data_roots is not None else default_data_roots(liptune_home())
+    test: Predictions | None = None
+    with _torch_threads(threads or spec.training.threads):
+        with _timed(timings, "data"):
+            splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
+        torch_device = resolve_device(device or spec.training.device)
+        with _init_lock:
+            torch.manual_seed(spec.seed)
+            model = build_model(spec.model, splits.input_shape, splits.num_classes)
+        loss_fn = build_loss(spec.loss, splits.task)
+        model.to(torch_device)
+        mode = model.certificate_mode
+        with _timed(timings, "training"):
+            run = train(
+                model,
+                loss_fn,
+                splits,
+                spec.training,
+                eps=spec.eps,
+                mode=mode,
+                device=torch_device,
+                seed=spec.seed,
+                should_stop=should_stop,
+                on_epoch=on_epoch,
+            )
+        result = TrialResult(
+            status="completed", epochs=run.epochs, certificate_mode=mode, timings=timings
+        )
+        if run.failure_reason is not None:
+            result.status, result.failure_reason = "failed", run.failure_reason
+        elif run.cancelled:
+            result.status = "cancelled"
+        else:
+            test = _finish(result, model, splits, spec, run, torch_device)
+        if tracking is not None:
+            with _timed(timings, "tracking"):
+                _record(
+                    result, test, spec, run, splits, tracking, experiment, tags or {}, started_at
+                )
+    return result
+
+
+def _finish(
+    result: TrialResult,
+    model: nn.Module,
+    splits: DataSplits,
+    spec: TrialSpec,
+    run: TrainingRun,
+    device: torch.device,
+) -> Predictions | None:
+    """Export, bound and evaluate the trained model, filling ``result`` (or failing it); the
+    test split's predictions."""
+    timings = result.timings
+    with _timed(timings, "export"):
+        exported = vanilla_export(model)
+    with _timed(timings, "lipschitz_bound"):
+        bound = lipschitz_upper_bound(exported, splits.input_shape)
+    if not bound <= 1.0 + LIPSCHITZ_TOLERANCE:
+        result.status = "failed"
+        result.failure_reason = (
+            f"the exported model's Lipschitz upper bound is {bound:.6f} > 1 + "
+            f"{LIPSCHITZ_TOLERANCE:g}: its certificates would not hold"
+        )
+        return None
+    with _timed(timings, "evaluation"):
+        test = predict(exported, splits.test.x, splits.test.y, result.certificate_mode)
+        metrics = accuracy_metrics(test, spec.eps)
+        metrics.update(robustness_metrics(test, splits.test.y, result.certificate_mode))
+    if spec.pgd is not None:
+        with _timed(timings, "pgd"):
+            metrics.update(
+                pgd_metrics(
+                    exported, splits.test.x, splits.test.y, spec.pgd, seed=spec.seed, device=device
+                )
+            )
+    metrics["training_time"] = run.seconds
+    metrics["lipschitz_bound"] = bound
+    metrics["num_parameters"] = float(sum(p.numel() for p in model.parameters()))
+    result.metrics = metrics
+    result.radii = test.summary()
+    result.model = exported.cpu()
+    return test
+
+
+def _run_params(spec: TrialSpec) -> dict[str, str]:
+    params = tracking.flatten_params(spec.model_dump(mode="json"))
+    for name in FAMILY_PARAMS[spec.loss.family]:
+        params[f"loss.{name}"] = str(spec.loss.value(name))
+    return params
+
+
+def _record(
+    result: TrialResult,
+    test: Predictions | None,
+    spec: TrialSpec,
+    run: TrainingRun,
+    splits: DataSplits,
+    config: tracking.TrackingConfig,
+    experiment: str | None,
+    tags: dict[str, str],
+    started_at: float,
+) -> None:
+    """Log the trial's MLflow run and store its id (and the model URI) in ``result``."""
+    run_tags = {
+        "liptune.loss_family": spec.loss.family,
+        "liptune.dataset": spec.dataset.name,
+        "liptune.certificate_mode": result.certificate_mode or "",
+        "liptune.status": result.status,
+        **tags,
+    }
+    if result.failure_reason:
+        run_tags[FAILURE_TAG] = result.failure_reason
+    trial_number = tags.get("liptune.trial_number")
+    run_id = tracking.start_run(
+        config,
+        experiment=experiment or f"liptune/train/{spec.name}",
+        run_name=f"{spec.name}-{trial_number}" if trial_number is not None else spec.name,
+        params=_run_params(spec),
+        tags=run_tags,
+        start_time=started_at,
+    )
+    result.run_id = run_id
+    if result.status == "failed":
+        tracking.end_run(config, run_id, "FAILED")
+        return
+    if result.status == "cancelled" or test is None:
+        tracking.log_metrics(config, run_id, {}, epochs=run.epochs, end_times=run.end_times)
+        tracking.end_run(config, run_id, "KILLED")
+        return
+    # The model first: metrics logged after it are linked to it without MLflow re-reading them.
+    result.model_uri = tracking.log_model(config, run_id, result.model, splits.test.x[:2])
+    tracking.log_metrics(
+        config,
+        run_id,
+        result.metrics,
+        epochs=run.epochs,
+        end_times=run.end_times,
+        model_uri=result.model_uri,
+    )
+    with tempfile.TemporaryDirectory() as folder, _timed(result.timings, "onnx"), _quiet_onnx():
+        onnx_path = export_onnx(
+            result.model, Path(folder) / tracking.ONNX_ARTIFACT, splits.input_shape
+        )
+        tracking.log_onnx(config, run_id, onnx_path)
+    tracking.log_radii(
+        config,
+        run_id,
+        radii=test.radii.numpy(),
+        correct=test.correct.numpy(),
+        labels=splits.test.y.numpy(),
+    )
+    tracking.end_run(config, run_id, "FINISHED")
+
+
+@contextmanager
+def _quiet_onnx() -> Iterator[None]:
+    """Silence the ONNX exporter's notices (missing torchvision ops, tracer warnings)."""
+    logger = logging.getLogger("torch.onnx")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count for the block (process-wide), then restore it."""
+    if threads is None:
+        yield
+        return
+    with _threads_lock:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            torch.set_num_threads(previous)
