@@ -1,0 +1,89 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+At start it migrates the service's tables (:func:`service.migrations.upgrade`, safe when several
+processes start together), opens the Optuna storage on the same URL, and shares both, with the
+study cache, through ``app.state.resources``. Every response is JSON in which infinite floats
+are the strings ``"Infinity"``/``"-Infinity"`` (``alpha_kr = inf``), every error problem+json.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+from sqlalchemy.orm import sessionmaker
+
+from service import problems
+from service.cache import StudyCache
+from service.config import Settings
+from service.dependencies import Resources
+from service.migrations import upgrade
+from service.routers import catalog, health, pages, studies, trials
+from service.routers.health import StudyCollector
+from service.schemas import InfJSONResponse
+from service.schemas import Problem as ProblemSchema
+from worker.storage import engine_kwargs, open_storage, resolve_url
+
+DESCRIPTION = """
+Explore the accuracy / certified-robustness trade-off of 1-Lipschitz networks: submit a study,
+follow it, read its Pareto front at any eps, register and download the model you choose.
+
+Errors are `application/problem+json` (RFC 9457) with `errors: [{field, reason, type}]` naming
+the offending field. Infinite numbers (e.g. `alpha_kr`) are written `"Infinity"`.
+"""
+
+
+def open_resources(settings: Settings) -> Resources:
+    """Migrate the service's tables and open the stores ``settings`` name."""
+    url = resolve_url(settings.resolved_storage_url())
+    storage = open_storage(url)  # first: on SQLite it switches the file to WAL
+    upgrade(url)
+    engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    return Resources(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        storage=storage,
+        cache=StudyCache(storage, sessions, settings.cache_ttl_s),
+        tracking_uri=settings.resolved_mlflow_uri(),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The liptune API on the stores of ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+    resources = open_resources(settings)
+    app = FastAPI(
+        title="liptune",
+        version="0.1.0",
+        description=DESCRIPTION,
+        default_response_class=InfJSONResponse,
+        responses={
+            "4XX": {
+                "model": ProblemSchema,
+                "content": {problems.PROBLEM_MEDIA_TYPE: {}},
+                "description": "Problem details (RFC 9457)",
+            }
+        },
+    )
+    app.state.resources = resources
+    problems.install(app, settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization", "X-API-Key", "Idempotency-Key"],
+        )
+    # The pages first: their routes match only browser navigations (Accept: text/html).
+    for router in (pages.router, studies.router, trials.router, catalog.router, health.router):
+        app.include_router(router)
+    registry = CollectorRegistry()
+    registry.register(StudyCollector(resources.storage))
+    Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app).expose(
+        app, endpoint="/metrics", include_in_schema=True, tags=["health"]
+    )
+    return app

@@ -1,0 +1,415 @@
+"""What a study's trials mean: records, Pareto fronts, the knee, hypervolume, recommendations.
+
+Pure functions over plain data. :func:`trial_record` turns one Optuna trial into the JSON-ready
+dict that the API returns and the dashboards draw; every other function works on lists of those
+records and on objective descriptions ``{"key", "metric", "eps", "direction"}`` (the
+``"objectives"`` of ``GET /studies/{id}``, see :func:`objective_entries`).
+
+Conventions:
+
+- Only ``COMPLETE`` trials whose ``feasible`` is not ``False`` take part in fronts, best values,
+  hypervolume and recommendations.
+- A front "at eps" is the front in (clean accuracy, certified accuracy at eps), recomputed from the
+  radii each trial stored (:class:`worker.radii.RadiiSummary`), so no retraining is needed.
+- Values are compared as Optuna does: one direction per objective, ``maximize`` or ``minimize``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from optuna._hypervolume import compute_hypervolume
+from optuna.trial import FrozenTrial, TrialState
+
+from worker.radii import RadiiSummary
+from worker.spec import FAMILY_PARAMS, StudySpec, metric_key
+
+#: Trial states as the API names them, in display order.
+TRIAL_STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
+#: Objectives whose worst value is 0 (fractions and radii); used as the hypervolume reference.
+_ZERO_WORST_METRICS = (
+    "accuracy",
+    "certified_accuracy",
+    "empirical_robust_accuracy",
+    "mean_certified_radius",
+)
+
+Record = dict[str, Any]
+ObjectiveEntry = Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def objective_entries(spec: StudySpec) -> list[dict[str, Any]]:
+    """The study's objectives as ``[{"key", "metric", "eps", "direction"}]``, in Optuna's order."""
+    return [
+        {
+            "key": objective.key,
+            "metric": objective.metric,
+            "eps": objective.eps,
+            "direction": objective.direction,
+        }
+        for objective in spec.objectives
+    ]
+
+
+def eps_objectives(eps: float) -> list[dict[str, Any]]:
+    """The two objectives of a front at ``eps``: clean accuracy and certified accuracy at eps."""
+    return [
+        {"key": "accuracy", "metric": "accuracy", "eps": None, "direction": "maximize"},
+        {
+            "key": metric_key("certified_accuracy", eps),
+            "metric": "certified_accuracy",
+            "eps": eps,
+            "direction": "maximize",
+        },
+    ]
+
+
+def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
+    """The JSON-ready record of one trial.
+
+    Keys: ``number``, ``state`` (one of :data:`TRIAL_STATES`), ``params`` (``loss`` and the
+    family's ``margin``/``alpha_kr``/``temperature``; ``alpha_kr`` may be ``inf``), ``values``
+    (objective key -> value, ``None`` unless the trial completed), ``metrics`` (every final
+    metric), ``feasible`` (``None`` unless completed), ``failure_reason``, ``mlflow_run_id``,
+    ``model_uri``, ``started_at``/``completed_at`` (ISO 8601), ``duration_s``, ``retry_of``.
+    """
+    attrs = frozen_trial.user_attrs
+    state = frozen_trial.state.name
+    family = frozen_trial.params.get("loss")
+    params: dict[str, Any] = {"loss": family}
+    for name in FAMILY_PARAMS.get(family, ()):
+        if name in frozen_trial.params:
+            params[name] = float(frozen_trial.params[name])
+    metrics = {key: float(value) for key, value in (attrs.get("liptune.metrics") or {}).items()}
+    completed = frozen_trial.state == TrialState.COMPLETE and frozen_trial.values is not None
+    values = (
+        {
+            objective.key: float(value)
+            for objective, value in zip(spec.objectives, frozen_trial.values, strict=True)
+        }
+        if completed
+        else None
+    )
+    duration = frozen_trial.duration
+    return {
+        "number": frozen_trial.number,
+        "state": state,
+        "params": params,
+        "values": values,
+        "metrics": metrics,
+        "feasible": _feasible(frozen_trial, spec, metrics) if completed else None,
+        "failure_reason": attrs.get("liptune.failure_reason"),
+        "mlflow_run_id": attrs.get("liptune.mlflow_run_id"),
+        "model_uri": attrs.get("liptune.model_uri"),
+        "started_at": _isoformat(frozen_trial.datetime_start),
+        "completed_at": _isoformat(frozen_trial.datetime_complete),
+        "duration_s": duration.total_seconds() if duration is not None else None,
+        "retry_of": attrs.get("liptune.retry_of"),
+    }
+
+
+def trial_radii(frozen_trial: FrozenTrial) -> RadiiSummary | None:
+    """The certificate radii a completed trial stored, or ``None`` when it stored none."""
+    encoded = frozen_trial.user_attrs.get("liptune.radii")
+    return RadiiSummary.decode(encoded) if encoded else None
+
+
+def record_at_eps(record: Record, radii: RadiiSummary | None, eps: float) -> Record:
+    """A copy of ``record`` whose ``values`` are those of :func:`eps_objectives` (``eps``).
+
+    Certified accuracy at ``eps`` is recomputed from ``radii``; a completed trial without radii
+    or without a clean accuracy gets ``values = None`` and drops out of fronts.
+    """
+    at_eps = dict(record)
+    accuracy = record["metrics"].get("accuracy")
+    if record["state"] != "COMPLETE" or radii is None or accuracy is None:
+        at_eps["values"] = None
+        return at_eps
+    certified_key = metric_key("certified_accuracy", eps)
+    at_eps["values"] = {
+        "accuracy": float(accuracy),
+        certified_key: float(radii.certified_accuracy(eps)),
+    }
+    return at_eps
+
+
+def _feasible(frozen_trial: FrozenTrial, spec: StudySpec, metrics: Mapping[str, float]) -> bool:
+    constraints = frozen_trial.constraints  # Optuna's ``set_constraint`` values, by name
+    if constraints:
+        return all(value <= 0.0 for value in constraints.values())
+    for requirement in spec.requirements:
+        value = metrics.get(requirement.key)
+        if value is None or requirement.violation(value) > 0.0:
+            return False
+    return True
+
+
+def _isoformat(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+# --------------------------------------------------------------------------- fronts
+
+
+def candidates(records: Iterable[Record]) -> list[Record]:
+    """The records that compete: completed, with values, not known to be infeasible."""
+    return [
+        record
+        for record in records
+        if record["state"] == "COMPLETE"
+        and record["values"] is not None
+        and record["feasible"] is not False
+    ]
+
+
+def _losses(records: Sequence[Record], objectives: Sequence[ObjectiveEntry]) -> np.ndarray:
+    """Values as an (N, M) array where smaller is better in every column (Optuna's convention)."""
+    losses = np.array(
+        [[record["values"][objective["key"]] for objective in objectives] for record in records],
+        dtype=np.float64,
+    ).reshape(len(records), len(objectives))
+    signs = np.array([-1.0 if o["direction"] == "maximize" else 1.0 for o in objectives])
+    return losses * signs
+
+
+def _non_dominated(losses: np.ndarray) -> np.ndarray:
+    """Boolean mask (N,) of the rows that no other row dominates (<= everywhere, < somewhere).
+
+    Duplicated points are all kept: two trials with the same values are both on the front.
+    """
+    n = losses.shape[0]
+    mask = np.ones(n, dtype=bool)
+    for index in range(n):
+        if not mask[index]:
+            continue
+        dominates = np.all(losses[index] <= losses, axis=1) & np.any(losses[index] < losses, axis=1)
+        mask &= ~dominates
+    return mask
+
+
+def pareto_front(records: Iterable[Record], objectives: Sequence[ObjectiveEntry]) -> list[Record]:
+    """The non-dominated feasible completed records, sorted by the first objective (best first).
+
+    A record dominates another when it is at least as good in every objective and strictly
+    better in one. Records whose values lack an objective or hold NaN are left out.
+    """
+    keys = [objective["key"] for objective in objectives]
+    usable = [
+        record
+        for record in candidates(records)
+        if all(key in record["values"] and not math.isnan(record["values"][key]) for key in keys)
+    ]
+    if not usable:
+        return []
+    losses = _losses(usable, objectives)
+    mask = _non_dominated(losses)
+    front = [record for record, keep in zip(usable, mask, strict=True) if keep]
+    order = np.lexsort(losses[mask][:, ::-1].T)
+    return [front[index] for index in order]
+
+
+def pareto_front_at_eps(
+    records: Iterable[Record], radii: Mapping[int, RadiiSummary | None], eps: float
+) -> list[Record]:
+    """The front in (accuracy, certified accuracy at ``eps``); ``radii`` maps trial number to the
+    trial's :class:`RadiiSummary`. The returned records carry the eps values."""
+    at_eps = [record_at_eps(record, radii.get(record["number"]), eps) for record in records]
+    return pareto_front(at_eps, eps_objectives(eps))
+
+
+def knee(front: Sequence[Record], objectives: Sequence[ObjectiveEntry]) -> Record | None:
+    """The knee of a front: the trial closest to the ideal point once each objective is scaled
+    to [0, 1] over the front (0 = the front's best, 1 = its worst), in Euclidean distance.
+
+    With two objectives this is the point where giving up one objective stops buying much of the
+    other. A one-point front is its own knee; an empty front has none.
+    """
+    if not front:
+        return None
+    losses = _losses(front, objectives)
+    low, high = losses.min(axis=0), losses.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    distance = np.linalg.norm((losses - low) / span, axis=1)
+    return front[int(np.argmin(distance))]
+
+
+def reference_point(
+    records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
+) -> list[float] | None:
+    """The hypervolume reference point, in the objectives' own units.
+
+    Accuracies, certified accuracies and the mean certified radius use 0 (their worst value), so
+    the hypervolume of an accuracy/certified-accuracy study is the area (in [0, 1]^2) that the
+    front dominates. ``training_time`` has no natural worst: it uses the longest training time
+    among the completed trials. ``None`` when such a reference cannot be found.
+    """
+    completed = candidates(records)
+    point = []
+    for objective in objectives:
+        if objective["metric"] in _ZERO_WORST_METRICS:
+            point.append(0.0)
+            continue
+        observed = [
+            value
+            for record in completed
+            if (value := record["values"].get(objective["key"])) is not None
+        ]
+        if not observed:
+            return None
+        point.append(float(max(observed)))
+    return point
+
+
+def hypervolume(
+    records: Iterable[Record],
+    objectives: Sequence[ObjectiveEntry],
+    reference: Sequence[float] | None = None,
+) -> float | None:
+    """The hypervolume dominated by the feasible completed records, bounded by ``reference``
+    (default :func:`reference_point`), computed with Optuna's own WFG implementation.
+
+    Points that do not improve on the reference in every objective add nothing. ``None`` when
+    no reference point exists (no completed trial and a ``training_time`` objective).
+    """
+    records = list(records)
+    if reference is None:
+        reference = reference_point(records, objectives)
+        if reference is None:
+            return None
+    front = pareto_front(records, objectives)
+    signs = np.array([-1.0 if o["direction"] == "maximize" else 1.0 for o in objectives])
+    reference_loss = np.asarray(reference, dtype=np.float64) * signs
+    if not front:
+        return 0.0
+    losses = _losses(front, objectives)
+    losses = losses[np.all(losses <= reference_loss, axis=1)]
+    if losses.size == 0:
+        return 0.0
+    return float(compute_hypervolume(losses, reference_loss, assume_pareto=True))
+
+
+def best_so_far(
+    records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
+) -> dict[str, dict[str, Any]]:
+    """Per objective key, ``{"value", "trial"}`` of the best feasible completed trial (the
+    earliest on ties); objectives without any such trial are left out."""
+    completed = candidates(records)
+    best: dict[str, dict[str, Any]] = {}
+    for objective in objectives:
+        key = objective["key"]
+        sign = -1.0 if objective["direction"] == "maximize" else 1.0
+        scored = [r for r in completed if key in r["values"] and not math.isnan(r["values"][key])]
+        if not scored:
+            continue
+        winner = min(scored, key=lambda r: (sign * r["values"][key], r["number"]))
+        best[key] = {"value": winner["values"][key], "trial": winner["number"]}
+    return best
+
+
+def state_counts(records: Iterable[Record]) -> dict[str, int]:
+    """The number of trials in each of :data:`TRIAL_STATES` (zeros included)."""
+    counts = dict.fromkeys(TRIAL_STATES, 0)
+    for record in records:
+        counts[record["state"]] = counts.get(record["state"], 0) + 1
+    return counts
+
+
+def eta_seconds(records: Sequence[Record], n_trials: int, now: datetime) -> float | None:
+    """Seconds until the study has ``n_trials`` completed trials, estimated as
+
+    ``(remaining * mean_duration - elapsed_of_running) / max(1, running)``
+
+    where ``mean_duration`` is the mean duration of the completed trials, ``remaining`` the
+    completed trials still missing, and ``elapsed_of_running`` the time the running trials have
+    already spent (each counted at most ``mean_duration``). ``0`` when the budget is met, ``None``
+    before any trial completed. ``now`` must be comparable with the trials' start times.
+    """
+    completed = [r for r in records if r["state"] == "COMPLETE" and r["duration_s"] is not None]
+    remaining = n_trials - sum(r["state"] == "COMPLETE" for r in records)
+    if remaining <= 0:
+        return 0.0
+    if not completed:
+        return None
+    mean_duration = float(np.mean([r["duration_s"] for r in completed]))
+    running = [r for r in records if r["state"] == "RUNNING" and r["started_at"] is not None]
+    elapsed = sum(
+        min(
+            mean_duration, max(0.0, (now - datetime.fromisoformat(r["started_at"])).total_seconds())
+        )
+        for r in running
+    )
+    return max(0.0, (remaining * mean_duration - max(0.0, elapsed)) / max(1, len(running)))
+
+
+# --------------------------------------------------------------------------- recommendation
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The answer to "which trial meets this requirement?".
+
+    ``trial`` is the best record that meets every minimum (``None`` when none does). Otherwise
+    ``closest`` is the record with the smallest total shortfall and ``shortfall`` what it misses
+    per metric key (minimum - achieved, > 0), and ``best_achieved`` the best value any candidate
+    reached per metric key.
+    """
+
+    trial: Record | None
+    closest: Record | None = None
+    shortfall: dict[str, float] = field(default_factory=dict)
+    best_achieved: dict[str, float] = field(default_factory=dict)
+
+
+def _value(record: Record, key: str) -> float | None:
+    value = (record["values"] or {}).get(key, record["metrics"].get(key))
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def recommend(
+    records: Iterable[Record], minimums: Mapping[str, float], maximize: str
+) -> Recommendation:
+    """The candidate with the largest ``maximize`` value among those whose value of each key of
+    ``minimums`` is at least its minimum (ties: the earliest trial).
+
+    Values are looked up in a record's ``values`` first, then its ``metrics``, so records from
+    :func:`record_at_eps` answer requirements on certified accuracy at any eps.
+    """
+    pool = candidates(records)
+    meeting = [
+        record
+        for record in pool
+        if _value(record, maximize) is not None
+        and all(
+            (value := _value(record, key)) is not None and value >= minimum
+            for key, minimum in minimums.items()
+        )
+    ]
+    if meeting:
+        chosen = min(meeting, key=lambda r: (-_value(r, maximize), r["number"]))  # type: ignore[operator]
+        return Recommendation(trial=chosen)
+    best_achieved = {}
+    for key in minimums:
+        achieved = [value for r in pool if (value := _value(r, key)) is not None]
+        if achieved:
+            best_achieved[key] = max(achieved)
+
+    def shortfall(record: Record) -> dict[str, float]:
+        return {
+            key: max(0.0, minimum - (_value(record, key) or 0.0))
+            for key, minimum in minimums.items()
+        }
+
+    if not pool:
+        return Recommendation(trial=None, best_achieved=best_achieved)
+    closest = min(pool, key=lambda r: (sum(shortfall(r).values()), r["number"]))
+    return Recommendation(
+        trial=None, closest=closest, shortfall=shortfall(closest), best_achieved=best_achieved
+    )

@@ -1,0 +1,452 @@
+"""``/studies``: submit, list, inspect, cancel and extend studies; fronts and recommendations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi_pagination import Params, paginate
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import results
+from service.cache import StudyCache, StudySnapshot, UnknownStudy
+from service.db import StudyRow
+from service.dependencies import (
+    Resources,
+    get_cache,
+    get_db,
+    get_resources,
+    require_read_key,
+    require_write_key,
+)
+from service.problems import Problem, field_error, invalid_input
+from service.schemas import (
+    ExtendRequest,
+    InfJSONResponse,
+    Page,
+    ParetoFront,
+    Recommendation,
+    StudyDetail,
+    StudyStatus,
+    StudySummary,
+    render_json,
+)
+from worker.spec import StudySpec, metric_key
+from worker.studies import RUNNING, cancel_study, create_study, extend_study, optuna_study_name
+
+router = APIRouter(tags=["studies"])
+reads = [Depends(require_read_key)]
+writes = [Depends(require_write_key)]
+
+Eps = Annotated[
+    float | None,
+    Query(
+        gt=0.0,
+        le=100.0,
+        description="Recompute the front in (accuracy, certified accuracy "
+        "at eps) from the stored radii.",
+    ),
+]
+
+
+def load_snapshot(cache: StudyCache, study_id: str) -> StudySnapshot:
+    """The study's snapshot, refreshed if stale (may read the database), or a 404 problem."""
+    try:
+        return cache.snapshot(study_id)
+    except UnknownStudy:
+        raise Problem(404, "unknown-study", f"there is no study with id {study_id!r}") from None
+
+
+async def study_snapshot(study_id: str, cache: StudyCache = Depends(get_cache)) -> StudySnapshot:
+    """Dependency: the study's snapshot, read in the thread pool only when it must be
+    refreshed."""
+    snapshot = cache.peek(study_id)
+    if snapshot is not None:
+        return snapshot
+    return await run_in_threadpool(load_snapshot, cache, study_id)
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _urls(study_id: str) -> dict[str, str]:
+    base = f"/studies/{study_id}"
+    return {
+        "self": base,
+        "trials": f"{base}/trials",
+        "pareto": f"{base}/pareto",
+        "dashboard": base,
+    }
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes: the service writes them in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def summary_view(snapshot: StudySnapshot) -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
+        objectives = results.objective_entries(snapshot.spec)
+        return {
+            "id": snapshot.id,
+            "name": snapshot.name,
+            "dataset": snapshot.spec.dataset.name,
+            "model": snapshot.spec.model.name,
+            "status": snapshot.status,
+            "n_trials": snapshot.n_trials,
+            "counts": results.state_counts(snapshot.records),
+            "best": results.best_so_far(snapshot.records, objectives),
+            "created_at": _utc(snapshot.created_at).isoformat(),
+            "urls": _urls(snapshot.id),
+        }
+
+    return snapshot.memo("summary", compute)
+
+
+def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
+        objectives = results.objective_entries(snapshot.spec)
+        eta = (
+            results.eta_seconds(snapshot.records, snapshot.n_trials, datetime.now())
+            if snapshot.status == RUNNING
+            else None
+        )
+        return {
+            **summary_view(snapshot),
+            "spec": snapshot.spec_data,
+            "objectives": objectives,
+            "requirements": [r.model_dump(mode="json") for r in snapshot.spec.requirements],
+            "hypervolume": results.hypervolume(snapshot.records, objectives),
+            "eta_seconds": eta,
+        }
+
+    # The ETA moves with the clock: recomputed at each refresh (once per TTL at most).
+    return snapshot.memo(("detail", snapshot.refreshed_at), compute)
+
+
+def pareto_view(snapshot: StudySnapshot, eps: float | None) -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
+        if eps is None:
+            objectives = results.objective_entries(snapshot.spec)
+            front = results.pareto_front(snapshot.records, objectives)
+        else:
+            objectives = results.eps_objectives(eps)
+            front = results.pareto_front_at_eps(snapshot.records, snapshot.radii, eps)
+        return {"eps": eps, "objectives": objectives, "trials": front}
+
+    return snapshot.memo(("pareto", eps), compute)
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _spec_limits(spec: StudySpec, resources: Resources) -> None:
+    settings = resources.settings
+    errors = []
+    if spec.n_trials > settings.max_trials:
+        errors.append(
+            field_error(
+                "body.n_trials",
+                f"{spec.n_trials} trials exceed this server's limit of {settings.max_trials}",
+                "limit",
+            )
+        )
+    if spec.training.epochs > settings.max_epochs:
+        errors.append(
+            field_error(
+                "body.training.epochs",
+                f"{spec.training.epochs} epochs exceed this server's limit of "
+                f"{settings.max_epochs}",
+                "limit",
+            )
+        )
+    if errors:
+        raise invalid_input(errors)
+
+
+def _replay(row: StudyRow, request_hash: str, cache: StudyCache) -> InfJSONResponse:
+    if row.request_hash != request_hash:
+        raise Problem(
+            422,
+            "idempotency-key-reused",
+            "this Idempotency-Key was used for a different request body; use a new key for a "
+            "new study",
+            errors=[field_error("header.Idempotency-Key", "already used for another body")],
+        )
+    return InfJSONResponse(
+        detail_view(load_snapshot(cache, row.id)),
+        status_code=201,
+        headers={"Location": f"/studies/{row.id}", "Idempotent-Replayed": "true"},
+    )
+
+
+@router.post(
+    "/studies",
+    status_code=201,
+    response_model=StudyDetail,
+    dependencies=writes,
+    summary="Submit a study",
+    responses={201: {"description": "Created (or replayed for a repeated Idempotency-Key)"}},
+)
+def submit_study(
+    spec: Annotated[StudySpec, Body()],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=255,
+            description="Repeat a request safely: the same key and body give the same study.",
+        ),
+    ] = None,
+    db: Session = Depends(get_db),
+    resources: Resources = Depends(get_resources),
+) -> InfJSONResponse:
+    _spec_limits(spec, resources)
+    spec_json = spec.model_dump_json()
+    request_hash = hashlib.sha256(spec_json.encode()).hexdigest()
+    if idempotency_key is not None:
+        existing = db.scalars(
+            select(StudyRow).where(StudyRow.idempotency_key == idempotency_key)
+        ).one_or_none()
+        if existing is not None:
+            return _replay(existing, request_hash, resources.cache)
+    study_id = uuid.uuid4().hex
+    row = StudyRow(
+        id=study_id,
+        name=spec.name,
+        spec=json.loads(spec_json),
+        n_trials=spec.n_trials,
+        created_at=datetime.now(UTC),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash if idempotency_key is not None else None,
+    )
+    db.add(row)
+    try:
+        db.commit()
+    except IntegrityError:  # the same key, submitted concurrently, won the race
+        db.rollback()
+        existing = db.scalars(
+            select(StudyRow).where(StudyRow.idempotency_key == idempotency_key)
+        ).one()
+        return _replay(existing, request_hash, resources.cache)
+    try:
+        create_study(resources.storage, spec, study_id)
+    except ValueError as error:
+        _forget(db, study_id)
+        raise invalid_input([field_error("body.sampler", str(error))]) from None
+    except BaseException:
+        _forget(db, study_id)
+        raise
+    return InfJSONResponse(
+        detail_view(load_snapshot(resources.cache, study_id)),
+        status_code=201,
+        headers={"Location": f"/studies/{study_id}"},
+    )
+
+
+def _json_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as JSON data, with inf written ``"Infinity"`` as in Optuna's user attributes."""
+    return json.loads(spec.model_dump_json())
+
+
+def _forget(db: Session, study_id: str) -> None:
+    row = db.get(StudyRow, study_id)
+    if row is not None:
+        db.delete(row)
+        db.commit()
+
+
+@router.post(
+    "/studies/{study_id}/cancel",
+    response_model=StudyDetail,
+    dependencies=writes,
+    summary="Cancel a running study",
+)
+def cancel(
+    snapshot: StudySnapshot = Depends(study_snapshot),
+    resources: Resources = Depends(get_resources),
+) -> InfJSONResponse:
+    if snapshot.status != RUNNING:
+        raise Problem(409, "study-not-running", f"the study is {snapshot.status}, not running")
+    cancel_study(resources.storage, snapshot.id)
+    resources.cache.invalidate(snapshot.id)
+    return InfJSONResponse(detail_view(load_snapshot(resources.cache, snapshot.id)))
+
+
+@router.post(
+    "/studies/{study_id}/extend",
+    response_model=StudyDetail,
+    dependencies=writes,
+    summary="Add trials to a study (also a finished one: it runs again)",
+)
+def extend(
+    request: ExtendRequest,
+    snapshot: StudySnapshot = Depends(study_snapshot),
+    db: Session = Depends(get_db),
+    resources: Resources = Depends(get_resources),
+) -> InfJSONResponse:
+    total = snapshot.n_trials + request.n_trials
+    if total > resources.settings.max_trials:
+        raise invalid_input(
+            [
+                field_error(
+                    "body.n_trials",
+                    f"{snapshot.n_trials} + {request.n_trials} trials exceed this server's "
+                    f"limit of {resources.settings.max_trials}",
+                    "limit",
+                )
+            ]
+        )
+    spec = extend_study(resources.storage, snapshot.id, request.n_trials)
+    row = db.get(StudyRow, snapshot.id)
+    if row is not None:
+        row.n_trials = spec.n_trials
+        row.spec = _json_spec(spec)
+        db.commit()
+    resources.cache.invalidate(snapshot.id)
+    return InfJSONResponse(detail_view(load_snapshot(resources.cache, snapshot.id)))
+
+
+# --------------------------------------------------------------------------- reads
+
+
+@router.get(
+    "/studies", response_model=Page[StudySummary], dependencies=reads, summary="List studies"
+)
+def list_studies(
+    status: Annotated[StudyStatus | None, Query(description="Only studies in this status.")] = None,
+    params: Params = Depends(),
+    db: Session = Depends(get_db),
+    resources: Resources = Depends(get_resources),
+) -> InfJSONResponse:
+    rows = db.execute(select(StudyRow.id).order_by(StudyRow.created_at.desc(), StudyRow.id)).all()
+    ids = [row.id for row in rows]
+    if status is not None:
+        statuses = {
+            study.study_name: study.user_attrs.get("liptune.status")
+            for study in resources.storage.get_all_studies()
+        }
+        ids = [i for i in ids if statuses.get(optuna_study_name(i)) == status]
+
+    def summaries(page_ids: list[str]) -> list[dict[str, Any]]:
+        views = []
+        for study_id in page_ids:
+            try:
+                views.append(summary_view(resources.cache.snapshot(study_id)))
+            except UnknownStudy:  # its Optuna study is being created or was deleted
+                continue
+        return views
+
+    return InfJSONResponse(paginate(ids, params, transformer=summaries, safe=True).model_dump())
+
+
+@router.get(
+    "/studies/{study_id}",
+    response_model=StudyDetail,
+    dependencies=reads,
+    summary="A study: spec, status, counts, best values, hypervolume, ETA",
+)
+async def get_study(snapshot: StudySnapshot = Depends(study_snapshot)) -> Response:
+    body = snapshot.memo(
+        ("detail.json", snapshot.refreshed_at), lambda: render_json(detail_view(snapshot))
+    )
+    return Response(body, media_type="application/json")
+
+
+@router.get(
+    "/studies/{study_id}/pareto",
+    response_model=ParetoFront,
+    dependencies=reads,
+    summary="The non-dominated feasible completed trials",
+)
+async def get_pareto(
+    eps: Eps = None, snapshot: StudySnapshot = Depends(study_snapshot)
+) -> Response:
+    body = snapshot.memo(("pareto.json", eps), lambda: render_json(pareto_view(snapshot, eps)))
+    return Response(body, media_type="application/json")
+
+
+def _default_eps(spec: StudySpec) -> float:
+    for item in (*spec.objectives, *spec.requirements):
+        if item.metric == "certified_accuracy" and item.eps is not None:
+            return item.eps
+    return spec.eps[0]
+
+
+@router.get(
+    "/studies/{study_id}/recommend",
+    response_model=Recommendation,
+    dependencies=reads,
+    summary="The best trial meeting a requirement, or the knee of the front",
+    responses={404: {"description": "No trial meets the requirement (says how close)."}},
+)
+def recommend(
+    strategy: Annotated[
+        Literal["requirement", "knee"],
+        Query(description="`requirement`: the best trial meeting the minimums; `knee`."),
+    ] = "requirement",
+    eps: Eps = None,
+    min_certified_accuracy: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    min_accuracy: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    snapshot: StudySnapshot = Depends(study_snapshot),
+) -> InfJSONResponse:
+    if strategy == "knee":
+        front = pareto_view(snapshot, eps)
+        chosen = results.knee(front["trials"], front["objectives"])
+        if chosen is None:
+            raise Problem(404, "empty-front", "no completed feasible trial yet: no knee")
+        return InfJSONResponse(
+            {"strategy": "knee", "eps": eps, "objectives": front["objectives"], "trial": chosen}
+        )
+    if min_certified_accuracy is None and min_accuracy is None:
+        raise invalid_input(
+            [
+                field_error(
+                    "query.min_certified_accuracy",
+                    "give min_certified_accuracy and/or min_accuracy (or strategy=knee)",
+                    "missing",
+                )
+            ]
+        )
+    eps = _default_eps(snapshot.spec) if eps is None else eps
+    certified = metric_key("certified_accuracy", eps)
+    minimums = {}
+    if min_accuracy is not None:
+        minimums["accuracy"] = min_accuracy
+    if min_certified_accuracy is not None:
+        minimums[certified] = min_certified_accuracy
+    maximize = "accuracy" if min_certified_accuracy is not None else certified
+    at_eps = [
+        results.record_at_eps(record, snapshot.radii.get(record["number"]), eps)
+        for record in snapshot.records
+    ]
+    answer = results.recommend(at_eps, minimums, maximize)
+    if answer.trial is None:
+        wanted = ", ".join(f"{key} >= {value:g}" for key, value in minimums.items())
+        reached = ", ".join(f"{key} = {value:.4g}" for key, value in answer.best_achieved.items())
+        detail = f"no completed feasible trial has {wanted}"
+        detail += f"; the best reached {reached}" if reached else "; no trial has completed yet"
+        raise Problem(
+            404,
+            "requirement-not-met",
+            detail,
+            best_achieved=answer.best_achieved,
+            closest=answer.closest,
+            shortfall=answer.shortfall,
+        )
+    return InfJSONResponse(
+        {
+            "strategy": "requirement",
+            "eps": eps,
+            "objectives": results.eps_objectives(eps),
+            "trial": answer.trial,
+        }
+    )

@@ -1,0 +1,165 @@
+"""``/studies/{id}/trials``: the trials of a study, registering and downloading their models."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import mlflow.artifacts
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse
+from fastapi_pagination import Params, paginate
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from starlette.background import BackgroundTask
+
+from service.cache import StudySnapshot
+from service.dependencies import Resources, get_resources, require_read_key, require_write_key
+from service.problems import Problem, field_error, invalid_input
+from service.routers.studies import study_snapshot
+from service.schemas import (
+    InfJSONResponse,
+    Page,
+    Registered,
+    RegisterRequest,
+    TrialDetail,
+    TrialRecord,
+    TrialStateName,
+)
+from worker.tracking import ONNX_ARTIFACT, register_model
+
+router = APIRouter(tags=["trials"])
+reads = [Depends(require_read_key)]
+writes = [Depends(require_write_key)]
+
+#: File of the pickled model inside an ``mlflow.pytorch`` logged model.
+PT_FILE = "data/model.pth"
+
+
+def _record(snapshot: StudySnapshot, number: int) -> dict[str, Any]:
+    for record in snapshot.records:
+        if record["number"] == number:
+            return record
+    raise Problem(
+        404,
+        "unknown-trial",
+        f"study {snapshot.id} has no trial {number} (it has "
+        f"{len(snapshot.records)} trials, numbered from 0)",
+    )
+
+
+def _completed_with_model(snapshot: StudySnapshot, number: int) -> dict[str, Any]:
+    record = _record(snapshot, number)
+    if record["state"] != "COMPLETE":
+        raise Problem(
+            409,
+            "trial-not-complete",
+            f"trial {number} is {record['state']}: only a COMPLETE trial has a model",
+        )
+    if not record["model_uri"] or not record["mlflow_run_id"]:
+        raise Problem(409, "trial-without-model", f"trial {number} logged no model to MLflow")
+    return record
+
+
+@router.get(
+    "/studies/{study_id}/trials",
+    response_model=Page[TrialRecord],
+    dependencies=reads,
+    summary="The trials of a study, by number",
+)
+def list_trials(
+    state: Annotated[TrialStateName | None, Query(description="Only trials in this state.")] = None,
+    params: Params = Depends(),
+    snapshot: StudySnapshot = Depends(study_snapshot),
+) -> InfJSONResponse:
+    records = snapshot.records
+    if state is not None:
+        records = [record for record in records if record["state"] == state]
+    return InfJSONResponse(paginate(records, params, safe=True).model_dump())
+
+
+@router.get(
+    "/studies/{study_id}/trials/{number}",
+    response_model=TrialDetail,
+    dependencies=reads,
+    summary="One trial, with its per-epoch log",
+)
+def get_trial(number: int, snapshot: StudySnapshot = Depends(study_snapshot)) -> InfJSONResponse:
+    record = _record(snapshot, number)
+    attrs = snapshot.trials[number].user_attrs
+    return InfJSONResponse(
+        {
+            **record,
+            "epochs": attrs.get("liptune.epochs") or [],
+            "certificate_mode": attrs.get("liptune.certificate_mode"),
+            "worker": attrs.get("liptune.worker"),
+        }
+    )
+
+
+@router.post(
+    "/studies/{study_id}/trials/{number}/register",
+    response_model=Registered,
+    dependencies=writes,
+    summary="Register the trial's model in the MLflow model registry",
+)
+def register(
+    number: int,
+    request: RegisterRequest,
+    snapshot: StudySnapshot = Depends(study_snapshot),
+    resources: Resources = Depends(get_resources),
+) -> dict[str, Any]:
+    record = _completed_with_model(snapshot, number)
+    try:
+        uri = register_model(
+            resources.tracking_uri, record["model_uri"], request.name, request.aliases
+        )
+    except MlflowException as error:
+        raise invalid_input([field_error("body.name", error.message)]) from None
+    return {"model_uri": uri, "name": request.name, "aliases": request.aliases, "trial": number}
+
+
+@router.get(
+    "/studies/{study_id}/trials/{number}/model",
+    dependencies=reads,
+    summary="Download the trial's model: ONNX, or the pickled PyTorch module",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_model(
+    number: int,
+    format: Annotated[Literal["onnx", "pt"], Query(description="`onnx` or `pt`.")] = "onnx",
+    snapshot: StudySnapshot = Depends(study_snapshot),
+    resources: Resources = Depends(get_resources),
+) -> FileResponse:
+    record = _completed_with_model(snapshot, number)
+    folder = Path(tempfile.mkdtemp(prefix="liptune-model-"))
+    try:
+        if format == "onnx":
+            path = mlflow.artifacts.download_artifacts(
+                run_id=record["mlflow_run_id"],
+                artifact_path=ONNX_ARTIFACT,
+                dst_path=str(folder),
+                tracking_uri=resources.tracking_uri,
+            )
+        else:
+            model_id = record["model_uri"].removeprefix("models:/")
+            location = MlflowClient(resources.tracking_uri).get_logged_model(model_id)
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.artifact_location}/{PT_FILE}",
+                dst_path=str(folder),
+                tracking_uri=resources.tracking_uri,
+            )
+    except (MlflowException, OSError) as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise Problem(
+            502, "artifact-unavailable", f"MLflow could not give the {format} model: {error}"
+        ) from None
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{snapshot.name}-trial{number}.{format}",
+        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+    )
