@@ -163,3 +163,33 @@ def test_in_memory_sqlite_is_refused(tmp_path: Path) -> None:
         open_storage("sqlite:///:memory:")
     with pytest.raises(ValueError, match=r"grace_period \(5 s\) must exceed"):
         open_storage(f"sqlite:///{tmp_path / 'x.db'}", heartbeat_interval=10, grace_period=5)
+
+
+def _open_schema_at(url: str, start: float) -> None:
+    from service.migrations import upgrade
+
+    time.sleep(max(0.0, start - time.time()))
+    open_storage(url)
+    upgrade(url)
+
+
+def test_processes_starting_together_on_a_fresh_database_all_get_the_schema(
+    storage_url: str,
+) -> None:
+    """An API and its workers start at once on an empty database: every one of them comes up
+    (Optuna's CREATE TYPE / CREATE TABLE and the service's migrations run once, under the
+    schema lock) instead of one failing with a duplicate-key error."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start = time.time() + 8.0  # after every interpreter has imported optuna and sqlalchemy
+    processes = [
+        context.Process(target=_open_schema_at, args=(storage_url, start)) for _ in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    tables = set(sa.inspect(sa.create_engine(storage_url)).get_table_names())
+    assert {"studies", "trials", "liptune_studies", "liptune_alembic_version"} <= tables

@@ -16,14 +16,17 @@ and record heartbeats themselves (:class:`worker.pool.Heartbeat`), at ``heartbea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import sqlite3
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
 import sqlalchemy
+from filelock import FileLock
 from sqlalchemy.engine import Engine, make_url
 
 #: How long a SQLite connection waits for another process's write lock before giving up.
@@ -32,6 +35,8 @@ SQLITE_BUSY_TIMEOUT_S = 120.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 30
 #: A running trial without a heartbeat for this long belongs to a dead worker.
 DEFAULT_GRACE_PERIOD_S = 120
+#: Key of the PostgreSQL advisory lock held while a process creates or upgrades tables.
+SCHEMA_LOCK_KEY = 0x6C6970747576
 
 
 def resolve_url(url: str) -> str:
@@ -76,6 +81,39 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+@contextlib.contextmanager
+def schema_lock(url: str) -> Iterator[None]:
+    """Hold the database's schema lock: one process at a time creates or upgrades tables.
+
+    An API and its workers often start together on a fresh database; without the lock two of
+    them run Optuna's ``CREATE TYPE`` / ``CREATE TABLE`` at once and one fails with a
+    duplicate-key error. On PostgreSQL the lock is a session-level advisory lock (released if
+    the process dies), on SQLite a lock file beside the database. Not re-entrant: do not nest.
+    """
+    url = resolve_url(url)
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        with FileLock(f"{parsed.database}.schema.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
+            yield
+        return
+    if backend != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({SCHEMA_LOCK_KEY})")
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK_KEY})")
+                connection.commit()
+    finally:
+        engine.dispose()
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     """``create_engine`` keyword arguments that make ``url`` safe to share between workers."""
     if is_sqlite(url):
@@ -108,8 +146,8 @@ def open_storage(
         )
     if is_sqlite(url):
         _enable_wal(url)
-    with warnings.catch_warnings():  # heartbeats are experimental, and what workers need
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with schema_lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
         storage = optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs(url),

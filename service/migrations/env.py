@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import create_engine, pool
 
 from service.db import Base
-from service.migrations import ADVISORY_LOCK_KEY, VERSION_TABLE
+from service.migrations import VERSION_TABLE
 
 config = context.config
 engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
@@ -19,9 +19,5 @@ with engine.connect() as connection:
         include_name=lambda name, type_, _parent: type_ != "table" or name.startswith("liptune_"),
     )
     with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
-            )
         context.run_migrations()
 engine.dispose()
