@@ -11,10 +11,12 @@
    workers run it (MLflow run, logged model, ONNX export).
 2. Scaling: ``liptune worker`` processes with one torch thread each on a fresh study of
    ``--scale-trials`` 10-epoch digits trials per worker; trials/hour of 2 workers against 1
-   worker, from the trials' own start and completion times, while every worker is busy (process
-   start-up, each worker's first, warm-up trial and the lone tail excluded). Target: >= 1.7x.
+   worker, from the trials' completion times while every worker is busy (process start-up, each
+   worker's first, warm-up trial and the lone tail excluded), 1-worker and 2-worker runs
+   alternated ``--scale-repeats`` times, medians compared. Target: >= 1.7x.
 
-Usage: ``python benchmarks/study_overhead.py [--trials 3] [--scale-trials 8]``. Ratios are against
+Usage: ``python benchmarks/study_overhead.py [--trials 3] [--scale-trials 15]
+[--scale-repeats 3] [--scaling-only]``. Ratios are against
 baselines measured in the same run; on a machine shared with other work, read them as such.
 """
 
@@ -190,7 +192,9 @@ def throughput(workers: int, n_trials: int, home: Path) -> float:
     # Steady state: each worker's first trial pays one-off imports (torch's optimizer loads
     # torch._dynamo on first use) and the last worker to run out of slots runs alone, so the
     # window is from the last worker's first completed trial to the first worker's last one:
-    # every worker is busy in it.
+    # every worker is busy in it. Throughput is the completions in the window over its length
+    # (counting only the trials that also started in it would drop the ones straddling its
+    # edges, which only happens with several workers).
     by_worker: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for trial in complete:
         by_worker.setdefault(trial.user_attrs["liptune.worker"], []).append(trial)
@@ -198,21 +202,30 @@ def throughput(workers: int, n_trials: int, home: Path) -> float:
         raise RuntimeError(f"only {len(by_worker)} of {workers} workers ran trials")
     opened = max(min(t.datetime_complete for t in trials) for trials in by_worker.values())
     closed = min(max(t.datetime_complete for t in trials) for trials in by_worker.values())
-    inside = [t for t in complete if t.datetime_start >= opened and t.datetime_complete <= closed]
-    if not inside:
+    completed = [t for t in complete if opened < t.datetime_complete <= closed]
+    if not completed:
         raise RuntimeError("no trial ran while every worker was busy; raise --scale-trials")
-    return 3600 * len(inside) / (closed - opened).total_seconds()
+    return 3600 * len(completed) / (closed - opened).total_seconds()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=3, help="measured real trials")
     parser.add_argument("--scale-trials", type=int, default=15, help="trials per worker")
+    parser.add_argument(
+        "--scale-repeats",
+        type=int,
+        default=3,
+        help="1-worker and 2-worker runs, alternated; the ratio of the medians is reported",
+    )
+    parser.add_argument("--scaling-only", action="store_true", help="skip the machinery share")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"load average at start: {os.getloadavg()}")
 
-    for tracked, what in ((False, "without MLflow"), (True, "as workers run it, with MLflow")):
+    runs = () if args.scaling_only else (False, True)
+    for tracked in runs:
+        what = "as workers run it, with MLflow" if tracked else "without MLflow"
         share = machinery_share(args.trials, tracked=tracked)
         print(
             f"10-epoch digits trial {what}: {share['trial_s']:.2f} s; machinery per trial at 50 "
@@ -221,13 +234,17 @@ def main() -> None:
             f"{share['heartbeat_s'] * 1000:.1f} ms; share: {100 * share['share']:.2f} % "
             f"(target < 2 %)"
         )
-    with tempfile.TemporaryDirectory() as directory:
-        home = Path(directory)
-        one = throughput(1, args.scale_trials, home)
-        two = throughput(2, 2 * args.scale_trials, home)
+    ones, twos = [], []
+    for repeat in range(args.scale_repeats):
+        with tempfile.TemporaryDirectory() as directory:
+            home = Path(directory)
+            ones.append(throughput(1, args.scale_trials, home))
+            twos.append(throughput(2, 2 * args.scale_trials, home))
+        print(f"  run {repeat + 1}: 1 worker {ones[-1]:.0f}, 2 workers {twos[-1]:.0f} trials/hour")
+    one, two = statistics.median(ones), statistics.median(twos)
     print(
-        f"trials/hour: 1 worker {one:.0f}, 2 workers {two:.0f}, ratio {two / one:.2f}x "
-        f"(target >= 1.7x)"
+        f"trials/hour (medians of {args.scale_repeats}): 1 worker {one:.0f}, 2 workers "
+        f"{two:.0f}, ratio {two / one:.2f}x (target >= 1.7x)"
     )
     print(f"load average at end: {os.getloadavg()}")
 
