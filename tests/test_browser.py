@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from test_pages import DIGITS_SPEC, JSON, failed_trial, populate
+from test_api_studies import DIGITS_SPEC
+from test_pages import JSON, failed_trial, populate
 
 from service.app import create_app
 from service.config import Settings

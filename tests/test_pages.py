@@ -2,7 +2,7 @@
 
 Studies are submitted through ``POST /studies``; their trials are told straight to Optuna's
 storage with the user attributes a worker writes (metrics, epochs, radii), so no training runs.
-:func:`populate` and :data:`DIGITS_SPEC` are shared with ``tests/test_browser.py``.
+:func:`populate` is shared with ``tests/test_browser.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from test_api_studies import DIGITS_SPEC
 
 from service.app import create_app
 from service.config import Settings
@@ -25,22 +26,6 @@ from worker.studies import load_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-#: The spec of the studies issue, verbatim.
-DIGITS_SPEC: dict[str, Any] = {
-    "name": "digits-tradeoff",
-    "dataset": {"name": "digits"},
-    "model": {"name": "mlp", "widths": [64, 64]},
-    "training": {"epochs": 5, "batch_size": 128, "lr": 0.005},
-    "search_space": {
-        "loss": ["hkr", "tau_ce"],
-        "margin": {"low": 0.01, "high": 2.0, "log": True},
-        "alpha_kr": {"low": 1.0, "high": 1000.0, "log": True},
-        "temperature": {"low": 0.1, "high": 100.0, "log": True},
-    },
-    "objectives": [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.3}],
-    "n_trials": 8,
-    "seed": 0,
-}
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 JSON = {"Accept": "application/json"}
 REPORT_EPS = (0.1, 0.25, 0.3, 0.5, 1.0)
