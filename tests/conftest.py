@@ -25,6 +25,19 @@ POSTGRES_START_HINT = "pg_ctlcluster --skip-systemctl-redirect 15 main start"
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread and seed 0 for the test (the core's tests compare numbers, and two
+    threads on a 2-core machine shared with worker processes only add noise)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def mlflow_store() -> Callable[[str], AbstractContextManager[None]]:
     """``with mlflow_store(uri):`` points MLflow's fluent API (``mlflow.pytorch.load_model``,
     ``models:/`` URIs) at ``uri`` for the block only, as a user's ``mlflow.set_tracking_uri``

@@ -35,14 +35,7 @@ from liptune.onnx import UnsupportedModule, to_onnx
 from worker.models import build_model
 from worker.spec import ModelSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def classifier(certificate_mode: str | None = None) -> LipschitzSequential:

@@ -28,14 +28,7 @@ from liptune.nn import (
     bjorck_orthonormalize,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def count_constrain_calls(layer: nn.Module) -> list[int]:

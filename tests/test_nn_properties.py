@@ -38,12 +38,7 @@ TOLERANCE = 1e-3
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def jacobian_norm(module: nn.Module, x: torch.Tensor) -> float:
