@@ -69,13 +69,18 @@ def accuracy_metrics(
     return metrics
 
 
+def mean_certified_radius(predictions: Predictions) -> float:
+    """The mean certificate of the correctly classified points (0 when there are none)."""
+    correct, radii = predictions.correct, predictions.radii
+    return radii[correct].double().mean().item() if correct.any() else 0.0
+
+
 def robustness_metrics(predictions: Predictions, y: Tensor, mode: str) -> dict[str, float]:
     """``mean_certified_radius``, ``provable_avg_robustness`` and
     ``mean_certifiable_robustness`` (see the module docstring)."""
-    correct, radii = predictions.correct, predictions.radii
     logits = predictions.logits
     return {
-        "mean_certified_radius": radii[correct].double().mean().item() if correct.any() else 0.0,
+        "mean_certified_radius": mean_certified_radius(predictions),
         "provable_avg_robustness": certify.provable_avg_robustness(logits, y, mode).item(),
         "mean_certifiable_robustness": certify.mean_certifiable_robustness(logits, y, mode).item(),
     }

@@ -370,6 +370,23 @@ class Requirement(Objective):
 
 
 SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "grid", "qmc")
+PRUNERS = ("none", "mo-asha")
+
+
+class PrunerSpec(_Spec):
+    """Early stopping of a study's trials (see :mod:`worker.pruning`).
+
+    ``mo-asha``: at the rungs ``min_epochs * reduction_factor**k`` epochs, a trial whose
+    validation objectives rank outside the top 1/``reduction_factor`` of the trials that reached
+    the same rung (non-dominated sorting, then crowding distance; infeasible last) stops and
+    ends PRUNED. ``none``: every trial trains all its epochs.
+    """
+
+    name: Literal[PRUNERS] = Field(default="none")  # type: ignore[valid-type]
+    min_epochs: int = Field(default=1, ge=1, le=10_000, description="The first rung (epochs).")
+    reduction_factor: int = Field(
+        default=3, ge=2, le=100, description="Rungs grow by this factor; 1/this continues."
+    )
 
 
 class StudySpec(_Spec):
@@ -404,6 +421,7 @@ class StudySpec(_Spec):
     max_retries: int = Field(
         default=2, ge=0, le=10, description="Retries of a dead worker's trial."
     )
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
@@ -414,6 +432,17 @@ class StudySpec(_Spec):
         needs_pgd |= any(r.metric == "empirical_robust_accuracy" for r in self.requirements)
         if needs_pgd and self.pgd is None:
             raise ValueError("empirical_robust_accuracy needs a `pgd` section")
+        if self.pruner.name != "none":
+            if needs_pgd:
+                raise ValueError(
+                    "pruner: empirical_robust_accuracy is not measured after each epoch (one "
+                    "PGD attack per epoch); use the pruner `none` with it"
+                )
+            if self.pruner.min_epochs >= self.training.epochs:
+                raise ValueError(
+                    f"pruner.min_epochs ({self.pruner.min_epochs}) must be below "
+                    f"training.epochs ({self.training.epochs}), or no trial is ever ranked"
+                )
         for index, baseline in enumerate(self.baselines):
             try:
                 loss_spec_from_params(baseline)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from worker.datasets import DataSplits, Split
-from worker.evaluation import accuracy_metrics, predict
+from worker.evaluation import accuracy_metrics, mean_certified_radius, predict
 from worker.spec import TrainingSpec
 
 
@@ -28,12 +28,14 @@ class Diverged(RuntimeError):
 @dataclass
 class TrainingRun:
     """What the loop did: one record per finished epoch and their end times (Unix seconds);
-    ``cancelled`` when ``should_stop`` ended it, ``failure_reason`` when the loss diverged."""
+    ``cancelled`` when ``should_stop`` ended it, ``failure_reason`` when the loss diverged,
+    ``pruned_at_epoch`` when ``should_prune`` ended it after that epoch."""
 
     epochs: list[dict[str, float]] = field(default_factory=list)
     end_times: list[float] = field(default_factory=list)
     cancelled: bool = False
     failure_reason: str | None = None
+    pruned_at_epoch: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -112,14 +114,16 @@ def train(
     seed: int,
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    should_prune: Callable[[dict[str, float]], bool] | None = None,
 ) -> TrainingRun:
     """Train ``model`` (already on ``device``) for ``spec.epochs`` epochs.
 
     Each epoch record holds ``epoch`` (from 1), ``train_loss``, ``val_accuracy`` and
-    ``val_certified_accuracy_eps_{e}`` for each eps (when there is a validation split),
-    ``lr`` and ``seconds``. ``should_stop`` is asked before every epoch; when it answers True
-    the run stops with ``cancelled`` set. A NaN or infinite loss stops it with
-    ``failure_reason`` set.
+    ``val_certified_accuracy_eps_{e}`` for each eps and ``val_mean_certified_radius`` (when
+    there is a validation split), ``lr`` and ``seconds``. ``should_stop`` is asked before every
+    epoch; when it answers True the run stops with ``cancelled`` set. ``should_prune`` is asked
+    with each epoch's record after ``on_epoch`` (not after the last epoch); True ends the run
+    with ``pruned_at_epoch``. A NaN or infinite loss stops it with ``failure_reason`` set.
     """
     optimizer = make_optimizer(model, spec)
     schedule = make_schedule(optimizer, spec)
@@ -145,10 +149,14 @@ def train(
         if len(splits.val):
             val = predict(model, splits.val.x, splits.val.y, mode)
             record.update(accuracy_metrics(val, eps, prefix="val_"))
+            record["val_mean_certified_radius"] = mean_certified_radius(val)
         record["lr"] = lr
         record["seconds"] = time.perf_counter() - started
         run.epochs.append(record)
         run.end_times.append(time.time())
         if on_epoch is not None:
             on_epoch(dict(record))
+        if should_prune is not None and epoch < spec.epochs and should_prune(dict(record)):
+            run.pruned_at_epoch = epoch
+            break
     return run
