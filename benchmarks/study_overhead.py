@@ -40,10 +40,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from service.migrations import upgrade  # noqa: E402
 from worker import claims, pool  # noqa: E402
 from worker.search_space import suggest_params  # noqa: E402
 from worker.spec import StudySpec  # noqa: E402
-from worker.storage import DEFAULT_HEARTBEAT_INTERVAL_S, open_storage  # noqa: E402
+from worker.storage import DEFAULT_HEARTBEAT_INTERVAL_S  # noqa: E402
+from worker.store import StudyStore  # noqa: E402
 from worker.studies import create_study, optuna_study_name  # noqa: E402
 from worker.tracking import TrackingConfig  # noqa: E402
 
@@ -67,23 +69,18 @@ SPEC = {
 
 def populate(storage_url: str, study_id: str, spec: StudySpec, finished: int) -> None:
     """``finished`` completed trials with synthetic objective values, and their claims."""
-    storage = open_storage(storage_url)
-    study = optuna.load_study(
-        study_name=optuna_study_name(study_id),
-        storage=storage,
-        sampler=optuna.samplers.RandomSampler(seed=0),
+    store = StudyStore(storage_url)
+    study = store.load_study(
+        optuna_study_name(study_id), sampler=optuna.samplers.RandomSampler(seed=0)
     )
-    engine = pool.transaction_engine(storage_url)
     for _ in range(finished):
-        claim = claims.claim_slot(
-            engine, study.study_name, n_trials=spec.n_trials, worker_id="populate"
-        )
+        claim = store.claim(study.study_name, n_trials=spec.n_trials, worker_id="populate")
         assert claim is not None
         trial = study.ask()
         params = suggest_params(trial, spec.search_space)
         accuracy = 0.95 - 0.1 * params["margin"]
-        claims.record_trial(engine, claim, trial_id=trial._trial_id, trial_number=trial.number)
-        claims.finish(engine, claim, claims.COMPLETE)
+        store.attach(claim, trial)
+        store.finish_claim(claim, claims.COMPLETE)
         study.tell(trial, [accuracy, params["margin"] * (1 - accuracy)])
 
 
@@ -94,6 +91,7 @@ def machinery_share(trials: int, *, tracked: bool) -> dict[str, float]:
         storage_url = f"sqlite:///{directory}/liptune.db"
         study_id = uuid.uuid4().hex
         create_study(storage_url, spec, study_id)
+        upgrade(storage_url)
         populate(storage_url, study_id, spec, finished=50)
 
         inside: list[float] = []
@@ -129,15 +127,14 @@ def machinery_share(trials: int, *, tracked: bool) -> dict[str, float]:
         finally:
             pool.run_trial, pool.suggest_params = real_run_trial, real_suggest
 
-        claim = claims.claim_slot(
-            worker.engine, optuna_study_name(study_id), n_trials=spec.n_trials, worker_id="hb"
+        claim = worker.store.claim(
+            optuna_study_name(study_id), n_trials=spec.n_trials, worker_id="hb"
         )
         assert claim is not None
         beats = []
         for _ in range(10):
             started = time.perf_counter()
-            claims.heartbeat(worker.engine, claim)
-            worker.storage.record_heartbeat(1)
+            worker.store.heartbeat(claim, 1)
             beats.append(time.perf_counter() - started)
 
     trial_s = statistics.median(inside)

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
+from service.migrations import upgrade
 from worker import claims
 from worker.search_space import suggest_params
 from worker.storage import open_storage, transaction_engine
@@ -93,6 +94,7 @@ def test_racing_claims_never_exceed_the_budget(
     storage_url: str, tiny_study_spec: Callable[..., Any]
 ) -> None:
     create_study(open_storage(storage_url), tiny_study_spec(), "race")
+    upgrade(storage_url)
     name = optuna_study_name("race")
     engine = transaction_engine(storage_url)
     won: list[claims.Claim] = []
@@ -121,8 +123,8 @@ def test_racing_claims_never_exceed_the_budget(
 
 
 def test_the_database_refuses_two_live_claims_on_one_slot(storage_url: str) -> None:
+    upgrade(storage_url)
     engine = transaction_engine(storage_url)
-    claims.ensure_table(engine)
     row = {"study_name": "s", "slot": 0, "worker_id": "w", "state": claims.RUNNING}
     with engine.begin() as connection:
         connection.execute(claims.claims.insert().values(**row))
@@ -133,6 +135,7 @@ def test_the_database_refuses_two_live_claims_on_one_slot(storage_url: str) -> N
 
 
 def test_a_stale_claim_is_freed_once(storage_url: str) -> None:
+    upgrade(storage_url)
     engine = transaction_engine(storage_url)
     alive = claims.claim_slot(engine, "s", n_trials=2, worker_id="alive")
     dead = claims.claim_slot(engine, "s", n_trials=2, worker_id="dead")

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 import torch
 from optuna.trial import TrialState
 
+from service.migrations import upgrade
 from worker import claims
 from worker.pool import Worker, WorkerOptions, run_worker
 from worker.storage import transaction_engine
@@ -46,6 +47,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def new_study(storage_url: str, spec: Any) -> tuple[str, optuna.Study]:
     study_id = uuid.uuid4().hex
+    upgrade(storage_url)  # the claims table, as `liptune worker` migrates it at start
     create_study(storage_url, spec, study_id)
     return study_id, optuna.load_study(study_name=optuna_study_name(study_id), storage=storage_url)
 

@@ -14,6 +14,9 @@ database as Optuna) and only then asks Optuna. Claiming is one transaction that
 A partial unique index on ``(study_name, slot)`` over non-failed claims backs the lock: even a
 buggy claimer cannot hold one slot twice. A failed claim frees its slot.
 
+The table is created by the service's Alembic history (revision ``0002`` of
+:mod:`service.migrations`); :data:`claims` mirrors it for the queries.
+
 Every running claim carries the database time of its last heartbeat; a claim without one for
 the grace period belongs to a dead worker, and :func:`free_stale_claims` hands it, exactly once,
 to the worker that finds it.
@@ -26,7 +29,6 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 CLAIMS_TABLE = "liptune_trial_claims"
 
@@ -87,27 +89,9 @@ class ClaimCounts:
     failed: int = 0
 
 
-_created: set[str] = set()
-
-
-def ensure_table(engine: Engine) -> None:
-    """Create the claims table if missing; safe when several processes race to create it."""
-    key = engine.url.render_as_string(hide_password=False)
-    if key in _created:
-        return
-    try:
-        metadata.create_all(engine, checkfirst=True)
-    except DBAPIError:
-        # Another process created it between our check and our CREATE.
-        if not sa.inspect(engine).has_table(CLAIMS_TABLE):
-            raise
-    _created.add(key)
-
-
 def claim_slot(engine: Engine, study_name: str, *, n_trials: int, worker_id: str) -> Claim | None:
     """Claim a free slot of ``study_name``'s budget of ``n_trials``; ``None`` when every slot is
     running or complete."""
-    ensure_table(engine)
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(
@@ -168,7 +152,6 @@ def finish(engine: Engine, claim: Claim, state: str, failure_reason: str | None 
 
 def counts(engine: Engine, study_name: str) -> ClaimCounts:
     """How many of a study's claims are running, complete and failed."""
-    ensure_table(engine)
     with engine.connect() as connection:
         rows = connection.execute(
             sa.select(claims.c.state, sa.func.count())
@@ -189,7 +172,6 @@ def _database_now(connection: sa.Connection) -> datetime.datetime:
 def free_stale_claims(engine: Engine, study_name: str, grace_period: float) -> list[StaleClaim]:
     """Fail the running claims of ``study_name`` without a heartbeat for ``grace_period``
     seconds (database time); returns those this call failed, each to exactly one caller."""
-    ensure_table(engine)
     freed = []
     with engine.begin() as connection:
         cutoff = _database_now(connection) - datetime.timedelta(seconds=grace_period)
@@ -233,7 +215,6 @@ def live_trial_ids(engine: Engine, study_name: str) -> set[int]:
 
 def studies_with_running_claims(engine: Engine) -> set[str]:
     """Names of the studies that have running claims."""
-    ensure_table(engine)
     with engine.connect() as connection:
         return set(
             connection.execute(

@@ -11,11 +11,12 @@ One worker runs one trial at a time:
 3. it tells Optuna the objective values (in the order of ``spec.objectives``) with the
    requirements as constraints, or FAIL with ``liptune.failure_reason``.
 
-Trial user attributes: ``liptune.metrics``, ``liptune.epochs``, ``liptune.radii``,
-``liptune.mlflow_run_id``, ``liptune.model_uri``, ``liptune.certificate_mode``,
-``liptune.worker``, ``liptune.params`` (every loss parameter), and for failures
-``liptune.failure_reason``; a retried trial has ``liptune.retry_of`` (the failed trial's number)
-and ``liptune.retries``.
+What a trial records beyond Optuna's params and values is its :class:`worker.record.TrialRecord`
+(worker, epochs, metrics, radii, MLflow ids, failure reason, retries); every read and write of
+the databases goes through :class:`worker.store.StudyStore`, one method per storage operation.
+In a single-objective study each epoch's validation value of the objective is also reported to
+Optuna (``trial.report``), so optuna-dashboard draws it; Optuna has no intermediate values for
+several objectives, where the epochs are in the record only.
 
 Stopping: :meth:`Worker.stop` (SIGTERM, SIGINT) makes the running trial stop at its next epoch
 boundary; it ends as FAIL (reason ``worker stopped``), its slot is freed, its parameters are
@@ -40,40 +41,28 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
 
 from worker import claims
 from worker.claims import Claim
+from worker.record import TrialRecord
 from worker.samplers import build_sampler, worker_seed
 from worker.search_space import enqueue, suggest_params, trial_params
 from worker.spec import StudySpec
-from worker.storage import (
-    DEFAULT_GRACE_PERIOD_S,
-    DEFAULT_HEARTBEAT_INTERVAL_S,
-    open_storage,
-    transaction_engine,
-)
+from worker.storage import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
+from worker.store import StudyStore
 from worker.studies import (
     CANCELLED,
     COMPLETED,
     FAILED,
     RUNNING,
-    STATUS_ATTR,
     load_spec,
-    running_studies,
     set_status,
+    study_status,
 )
 from worker.tracking import TrackingConfig
 from worker.trial import TrialResult, run_trial
 
 logger = logging.getLogger("liptune.worker")
-
-WORKER_ATTR = "liptune.worker"
-FAILURE_REASON_ATTR = "liptune.failure_reason"
-RETRY_OF_ATTR = "liptune.retry_of"
-RETRIES_ATTR = "liptune.retries"
-EPOCHS_ATTR = "liptune.epochs"
 
 WORKER_STOPPED = "worker stopped"
 #: Seconds between two reads of a study's status by a running trial.
@@ -113,15 +102,8 @@ class Heartbeat:
     """A thread that marks a claim (and, once attached, its Optuna trial) alive every
     ``interval`` seconds until stopped."""
 
-    def __init__(
-        self,
-        engine: Any,
-        storage: optuna.storages.RDBStorage,
-        claim: Claim,
-        interval: float,
-    ) -> None:
-        self._engine = engine
-        self._storage = storage
+    def __init__(self, store: StudyStore, claim: Claim, interval: float) -> None:
+        self._store = store
         self._claim = claim
         self._interval = interval
         self._trial_id: int | None = None
@@ -140,15 +122,12 @@ class Heartbeat:
 
     def attach(self, trial_id: int) -> None:
         self._trial_id = trial_id
-        self._storage.record_heartbeat(trial_id)
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
             try:
-                if not claims.heartbeat(self._engine, self._claim):
+                if not self._store.heartbeat(self._claim, self._trial_id):
                     self.lost = True
-                if self._trial_id is not None:
-                    self._storage.record_heartbeat(self._trial_id)
             except Exception:  # a transient database error must not kill the heartbeat
                 logger.exception("heartbeat of claim %s failed", self._claim.claim_id)
 
@@ -158,13 +137,12 @@ class Worker:
 
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
-        self.storage = open_storage(
+        self.store = StudyStore(
             options.storage_url,
             heartbeat_interval=options.heartbeat_interval,
             grace_period=options.grace_period,
         )
-        self.engine = transaction_engine(options.storage_url)
-        claims.ensure_table(self.engine)
+        self.store.require_schema()
         self.trials_run = 0
         self._stopping = threading.Event()
         self._samplers: dict[str, optuna.samplers.BaseSampler] = {}
@@ -200,10 +178,10 @@ class Worker:
 
     def run_next(self) -> bool:
         """Claim and run one trial of the oldest study with a free slot; ``False`` if none."""
-        running = running_studies(self.storage)
+        running = self.store.running_studies()
         # Dead workers' trials of stopped (e.g. cancelled) studies must not stay RUNNING either.
         running_names = {frozen.study_name for _, frozen in running}
-        for name in claims.studies_with_running_claims(self.engine) - running_names:
+        for name in self.store.studies_with_running_claims() - running_names:
             self._reap(name, spec=None)
         for study_id, frozen in running:
             if self.stopping:
@@ -211,7 +189,7 @@ class Worker:
             spec = load_spec(frozen)
             name = frozen.study_name
             self._reap(name, spec)
-            counts = claims.counts(self.engine, name)
+            counts = self.store.claim_counts(name)
             if counts.failed > failure_budget(spec):
                 self._set_status(
                     name,
@@ -220,9 +198,7 @@ class Worker:
                     f"({failure_budget(spec)}); see the trials' liptune.failure_reason",
                 )
                 continue
-            claim = claims.claim_slot(
-                self.engine, name, n_trials=spec.n_trials, worker_id=self.options.worker_id
-            )
+            claim = self.store.claim(name, n_trials=spec.n_trials, worker_id=self.options.worker_id)
             if claim is None:
                 if counts.complete >= spec.n_trials:
                     self._set_status(name, COMPLETED)
@@ -241,12 +217,8 @@ class Worker:
         return self._samplers[study_name]
 
     def _run_claim(self, study_id: str, spec: StudySpec, claim: Claim) -> None:
-        study = optuna.load_study(
-            study_name=claim.study_name,
-            storage=self.storage,
-            sampler=self._sampler(claim.study_name, spec),
-        )
-        with Heartbeat(self.engine, self.storage, claim, self.options.heartbeat_interval) as beat:
+        study = self.store.load_study(claim.study_name, self._sampler(claim.study_name, spec))
+        with Heartbeat(self.store, claim, self.options.heartbeat_interval) as beat:
             try:
                 with warnings.catch_warnings():
                     # Optuna's heartbeat thread runs only in optimize(); Heartbeat does its work.
@@ -254,13 +226,11 @@ class Worker:
                     trial = study.ask()
             except Exception as error:  # the slot is freed; the failure budget bounds retries
                 logger.exception("asking %s for a trial failed", claim.study_name)
-                claims.finish(self.engine, claim, claims.FAILED, f"ask failed: {error!r}")
+                self.store.finish_claim(claim, claims.FAILED, f"ask failed: {error!r}")
                 return
-            # Optuna's storage API names trials by id; the public Trial exposes only its number.
-            trial_id = trial._trial_id
-            claims.record_trial(self.engine, claim, trial_id=trial_id, trial_number=trial.number)
+            trial_id = self.store.attach(claim, trial)
             beat.attach(trial_id)
-            trial.set_user_attr(WORKER_ATTR, self.options.worker_id)
+            TrialRecord(worker=self.options.worker_id).write(trial, "worker")
             try:
                 result = self._train(study, study_id, spec, trial)
             except Exception as error:
@@ -279,10 +249,14 @@ class Worker:
         params = suggest_params(trial, spec.search_space)
         trial_spec = spec.trial_spec(params, seed=(spec.seed + trial.number) % 2**31)
         epochs: list[dict[str, Any]] = []
+        # Optuna keeps intermediate values for one objective only.
+        reported = f"val_{spec.objectives[0].key}" if len(spec.objectives) == 1 else None
 
         def on_epoch(record: dict[str, Any]) -> None:
             epochs.append(record)
-            trial.set_user_attr(EPOCHS_ATTR, epochs)
+            TrialRecord(epochs=epochs).write(trial, "epochs")
+            if reported is not None and reported in record:
+                trial.report(float(record[reported]), step=int(record["epoch"]))
 
         logger.info("%s trial %d: %s", study.study_name, trial.number, params)
         return run_trial(
@@ -310,7 +284,7 @@ class Worker:
             if self.stopping:
                 return True
             if time.monotonic() - last_check >= STATUS_CHECK_INTERVAL_S:
-                status = study.user_attrs.get(STATUS_ATTR, RUNNING)
+                status = self.store.study_status(study.study_name)
                 last_check = time.monotonic()
             return status != RUNNING
 
@@ -324,14 +298,13 @@ class Worker:
         claim: Claim,
         result: TrialResult,
     ) -> None:
-        for key, value in _result_attrs(result).items():
-            trial.set_user_attr(key, value)
+        _result_record(result).write(trial)
         if result.status == "cancelled":
-            status = study.user_attrs.get(STATUS_ATTR, RUNNING)
+            status = self.store.study_status(study.study_name)
             if status == RUNNING:
                 # Stopped by this worker's shutdown: the configuration is still wanted.
                 self._fail(study, trial, claim, WORKER_STOPPED)
-                self._retry(study, spec, self.storage.get_trial(trial._trial_id))
+                self._retry(study, spec, self.store.get_trial(self.store.trial_id(trial)))
             else:
                 self._fail(
                     study, trial, claim, CANCELLED if status == CANCELLED else f"study {status}"
@@ -354,15 +327,23 @@ class Worker:
             value = result.metrics[requirement.key]
             trial.set_constraint(f"{requirement.key}{bound}", requirement.violation(value))
         # The claim decides: a trial whose claim was freed as stale meanwhile does not count.
-        if not claims.finish(self.engine, claim, claims.COMPLETE):
+        if not self.store.finish_claim(claim, claims.COMPLETE):
             self._fail(study, trial, claim, "its claim was freed as stale by another worker")
             return
         values = [result.metrics[objective.key] for objective in spec.objectives]
-        try:
-            study.tell(trial, values)
-        except UpdateFinishedTrialError:
+        if self.store.tell(study, trial, values):
+            logger.info(
+                "%s trial %d complete: %s",
+                study.study_name,
+                trial.number,
+                ", ".join(
+                    f"{objective.key}={value:.4g}"
+                    for objective, value in zip(spec.objectives, values, strict=True)
+                ),
+            )
+        else:
             logger.warning("trial %d was finished by another worker", trial.number)
-        if claims.counts(self.engine, claim.study_name).complete >= spec.n_trials:
+        if self.store.claim_counts(claim.study_name).complete >= spec.n_trials:
             self._set_status(claim.study_name, COMPLETED)
 
     def _fail(
@@ -374,14 +355,9 @@ class Worker:
         details: str | None = None,
     ) -> None:
         logger.info("%s trial %d failed: %s", study.study_name, trial.number, reason)
-        claims.finish(self.engine, claim, claims.FAILED, reason)
-        try:
-            trial.set_user_attr(FAILURE_REASON_ATTR, reason)
-            if details is not None:
-                trial.set_user_attr("liptune.failure_details", details)
-            study.tell(trial, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            pass  # already failed as stale by another worker
+        self.store.finish_claim(claim, claims.FAILED, reason)
+        # False when another worker already failed it as stale.
+        self.store.fail(study, trial, TrialRecord(failure_reason=reason, failure_details=details))
 
     # ------------------------------------------------------------------ dead workers
 
@@ -392,21 +368,20 @@ class Worker:
         if now - self._reaped_at.get(study_name, -math.inf) < self.options.heartbeat_interval:
             return
         self._reaped_at[study_name] = now
-        stale = claims.free_stale_claims(self.engine, study_name, self.options.grace_period)
-        study = optuna.load_study(study_name=study_name, storage=self.storage)
+        stale = self.store.free_stale_claims(study_name, self.options.grace_period)
+        study = self.store.load_study(study_name)
         for claim in stale:
             if claim.trial_id is not None:
                 reason = f"worker {claim.worker_id} stopped heartbeating"
                 self._fail_stale_trial(study, spec, claim.trial_id, reason)
         # A worker that died between Optuna's ask and recording the trial on its claim leaves a
         # RUNNING trial no claim knows; fail it once it has stayed so for a grace period.
-        live = claims.live_trial_ids(self.engine, study_name)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        live = self.store.live_trial_ids(study_name)
         seen = self._orphans_seen.get(study_name, {})
         orphans = {
-            trial._trial_id: seen.get(trial._trial_id, now)
-            for trial in running
-            if trial._trial_id not in live
+            trial_id: seen.get(trial_id, now)
+            for trial_id in self.store.running_trial_ids(study)
+            if trial_id not in live
         }
         for trial_id, first_seen in list(orphans.items()):
             if now - first_seen > self.options.grace_period:
@@ -417,51 +392,43 @@ class Worker:
     def _fail_stale_trial(
         self, study: optuna.Study, spec: StudySpec | None, trial_id: int, reason: str
     ) -> None:
-        trial = self.storage.get_trial(trial_id)
-        if trial.state != TrialState.RUNNING:
-            return
-        try:
-            self.storage.set_trial_user_attr(trial_id, FAILURE_REASON_ATTR, reason)
-            if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                return
-        except UpdateFinishedTrialError:
+        if not self.store.fail_trial_id(trial_id, TrialRecord(failure_reason=reason)):
             return  # its worker finished it after all
+        trial = self.store.get_trial(trial_id)
         logger.info("%s trial %d failed: %s", study.study_name, trial.number, reason)
         if spec is not None:
             self._retry(study, spec, trial)
 
     def _retry(self, study: optuna.Study, spec: StudySpec, trial: optuna.trial.FrozenTrial) -> None:
-        retries = int(trial.user_attrs.get(RETRIES_ATTR, 0))
+        retries = TrialRecord.read(trial).retries
         params = trial_params(trial)
         if retries >= spec.max_retries or "loss" not in params:
             return
-        enqueue(study, params, {RETRY_OF_ATTR: trial.number, RETRIES_ATTR: retries + 1})
+        retry = TrialRecord(retry_of=trial.number, retries=retries + 1)
+        enqueue(study, params, retry.user_attrs("retry_of", "retries"))
 
     def _set_status(self, study_name: str, status: str, reason: str | None = None) -> None:
-        study = optuna.load_study(study_name=study_name, storage=self.storage)
-        if study.user_attrs.get(STATUS_ATTR) != RUNNING:
+        study = self.store.load_study(study_name)
+        if study_status(study) != RUNNING:
             return
         set_status(study, status, reason)
         if status == COMPLETED:
             # Every slot is complete, so no claim is running: a RUNNING trial left now belongs
             # to a worker that died between asking Optuna and recording the trial on its claim.
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                self._fail_stale_trial(study, None, trial._trial_id, "no worker holds it")
+            for trial_id in self.store.running_trial_ids(study):
+                self._fail_stale_trial(study, None, trial_id, "no worker holds it")
 
 
-def _result_attrs(result: TrialResult) -> dict[str, Any]:
-    attrs: dict[str, Any] = {
-        "liptune.metrics": dict(result.metrics),
-        EPOCHS_ATTR: list(result.epochs),
-        "liptune.certificate_mode": result.certificate_mode,
-    }
-    if result.radii is not None:
-        attrs["liptune.radii"] = result.radii.encode()
-    if result.run_id is not None:
-        attrs["liptune.mlflow_run_id"] = result.run_id
-    if result.model_uri is not None:
-        attrs["liptune.model_uri"] = result.model_uri
-    return attrs
+def _result_record(result: TrialResult) -> TrialRecord:
+    """The outcome fields of a trial's record."""
+    return TrialRecord(
+        metrics=dict(result.metrics),
+        epochs=list(result.epochs),
+        radii=result.radii,
+        certificate_mode=result.certificate_mode,
+        mlflow_run_id=result.run_id,
+        model_uri=result.model_uri,
+    )
 
 
 def run_worker(options: WorkerOptions) -> int:

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
-from optuna.study._frozen import FrozenStudy
 
 from worker.samplers import build_sampler
 from worker.search_space import enqueue
@@ -48,6 +47,17 @@ STATUSES = (RUNNING, COMPLETED, CANCELLED, FAILED)
 BASELINE_ATTR = "liptune.baseline"
 
 Storage = str | optuna.storages.BaseStorage
+
+
+class FrozenStudy(Protocol):
+    """What liptune reads of a study without its trials: a :class:`optuna.Study` or the
+    frozen studies ``storage.get_all_studies()`` returns (Optuna's type for those is private)."""
+
+    @property
+    def study_name(self) -> str: ...
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
 
 
 def optuna_study_name(study_id: str) -> str:
@@ -93,7 +103,7 @@ def load_study(
     )
 
 
-def load_spec(study: optuna.Study | FrozenStudy) -> StudySpec:
+def load_spec(study: FrozenStudy) -> StudySpec:
     """The spec a liptune study was created from."""
     data = study.user_attrs.get(SPEC_ATTR)
     if data is None:
@@ -101,7 +111,7 @@ def load_spec(study: optuna.Study | FrozenStudy) -> StudySpec:
     return StudySpec.model_validate(data)
 
 
-def study_status(study: optuna.Study | FrozenStudy) -> str:
+def study_status(study: FrozenStudy) -> str:
     """``running``, ``completed``, ``cancelled`` or ``failed``."""
     return study.user_attrs[STATUS_ATTR]
 

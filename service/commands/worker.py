@@ -146,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from service.migrations import upgrade
+
+    upgrade(options.storage_url)
     run_worker(options)
     return 0
 

@@ -1,4 +1,6 @@
-"""Alembic migrations of the service's tables; :func:`upgrade` runs them to the head.
+"""Alembic migrations of liptune's tables (the service's studies and the workers' trial claims);
+:func:`upgrade` runs them to the head. The API, ``liptune serve`` and ``liptune worker`` run it at
+start.
 
 The version table is ``liptune_alembic_version``: Optuna keeps its own ``alembic_version`` in
 the same database. Several processes may start at once: the upgrade holds the database's
@@ -13,7 +15,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from worker.storage import schema_lock
+from worker.storage import resolve_url, schema_lock
 
 VERSION_TABLE = "liptune_alembic_version"
 
@@ -21,7 +23,7 @@ VERSION_TABLE = "liptune_alembic_version"
 def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", resolve_url(url).replace("%", "%%"))
     return config
 
 
