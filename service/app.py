@@ -24,7 +24,8 @@ from service.routers import catalog, health, pages, studies, trials
 from service.routers.health import StudyCollector
 from service.schemas import InfJSONResponse
 from service.schemas import Problem as ProblemSchema
-from worker.storage import engine_kwargs, open_storage, resolve_url
+from worker.storage import engine_kwargs
+from worker.store import StudyStore
 
 DESCRIPTION = """
 Explore the accuracy / certified-robustness trade-off of 1-Lipschitz networks: submit a study,
@@ -37,8 +38,8 @@ the offending field. Infinite numbers (e.g. `alpha_kr`) are written `"Infinity"`
 
 def open_resources(settings: Settings) -> Resources:
     """Migrate the service's tables and open the stores ``settings`` name."""
-    url = resolve_url(settings.resolved_storage_url())
-    storage = open_storage(url)  # first: on SQLite it switches the file to WAL
+    store = StudyStore(settings.resolved_storage_url())  # first: SQLite files switch to WAL
+    url = store.url
     upgrade(url)
     engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
     sessions = sessionmaker(engine, expire_on_commit=False)
@@ -46,8 +47,8 @@ def open_resources(settings: Settings) -> Resources:
         settings=settings,
         engine=engine,
         sessions=sessions,
-        storage=storage,
-        cache=StudyCache(storage, sessions, settings.cache_ttl_s),
+        store=store,
+        cache=StudyCache(store, sessions, settings.cache_ttl_s),
         tracking_uri=settings.resolved_mlflow_uri(),
     )
 
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (pages.router, studies.router, trials.router, catalog.router, health.router):
         app.include_router(router)
     registry = CollectorRegistry()
-    registry.register(StudyCollector(resources.storage))
+    registry.register(StudyCollector(resources.store))
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=True, tags=["health"]
     )

@@ -4,7 +4,7 @@ Reading every trial of a study from Optuna's RDB storage takes about a second pe
 trials. A finished trial never changes, so a :class:`StudySnapshot` keeps the records (and the
 decoded radii) of finished trials for good and, on refresh, asks the storage only for the
 trials it has not seen finish: the ones that were unfinished and the new ones (one query,
-Optuna's own incremental read, as its ``_CachedStorage`` does). A snapshot older than the TTL
+:meth:`worker.store.StudyStore.trials_since`). A snapshot older than the TTL
 is refreshed by the next read; while one thread refreshes, other readers keep answering from
 the previous snapshot. Derived results (the front at an eps, the study summary) are memoised
 per snapshot version.
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import optuna
 from optuna.trial import FrozenTrial
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +29,7 @@ from service import results
 from service.db import StudyRow
 from worker.radii import RadiiSummary
 from worker.spec import StudySpec
-from worker.studies import RUNNING, STATUS_ATTR, optuna_study_name
+from worker.store import StudyStore
 
 #: Derived results kept per snapshot (e.g. fronts at this many distinct eps).
 MAX_DERIVED = 64
@@ -85,15 +84,10 @@ class _StudyState:
 
 
 class StudyCache:
-    """Snapshots of studies from the service table (``liptune_studies``) and Optuna's storage."""
+    """Snapshots of studies from the service table (``liptune_studies``) and the study store."""
 
-    def __init__(
-        self,
-        storage: optuna.storages.RDBStorage,
-        sessions: sessionmaker[Session],
-        ttl_s: float,
-    ) -> None:
-        self.storage = storage
+    def __init__(self, store: StudyStore, sessions: sessionmaker[Session], ttl_s: float) -> None:
+        self.store = store
         self.sessions = sessions
         self.ttl_s = ttl_s
         self._states: dict[str, _StudyState] = {}
@@ -140,7 +134,7 @@ class StudyCache:
         if state is not None:
             return state
         try:
-            optuna_id = self.storage.get_study_id_from_name(optuna_study_name(study_id))
+            optuna_id = self.store.optuna_study_id(study_id)
         except KeyError:
             raise UnknownStudy(study_id) from None
         with self._states_lock:
@@ -162,18 +156,13 @@ class StudyCache:
             )
         previous = state.snapshot
         spec = previous.spec if previous is not None else StudySpec.model_validate(spec_data)
-        status = self.storage.get_study_user_attrs(state.optuna_study_id).get(STATUS_ATTR, RUNNING)
-        # Optuna's incremental read (private, as its _CachedStorage uses it): the trials not
-        # seen finished, and every newer one.
-        fresh = self.storage._get_trials(
-            state.optuna_study_id,
-            states=None,
-            included_trial_ids=set(state.unfinished),
-            trial_id_greater_than=state.max_trial_id,
+        status = self.store.study_status_by_id(state.optuna_study_id)
+        # The trials not seen finished, and every newer one.
+        fresh = self.store.trials_since(
+            state.optuna_study_id, state.unfinished, state.max_trial_id
         )
         changed = False
-        for trial in fresh:
-            trial_id = trial._trial_id
+        for trial_id, trial in fresh:
             state.max_trial_id = max(state.max_trial_id, trial_id)
             known = state.unfinished.get(trial_id)
             if known is not None and _same(known[0], trial):

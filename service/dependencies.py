@@ -1,5 +1,5 @@
-"""FastAPI dependencies: settings, database sessions, the Optuna storage, the study cache, and
-API-key checks.
+"""FastAPI dependencies: settings, database sessions, the study store, the study cache and its
+snapshots, and API-key checks.
 
 The ones that never block are ``async``: FastAPI runs them on the event loop instead of handing
 each to the thread pool (which costs more than they do).
@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import optuna
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.cache import StudyCache
+from service.cache import StudyCache, StudySnapshot, UnknownStudy
 from service.config import HASH_PREFIX, Settings
 from service.problems import Problem
+from worker.store import StudyStore
 
 
 @dataclass
@@ -33,9 +35,14 @@ class Resources:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    storage: optuna.storages.RDBStorage
+    store: StudyStore
     cache: StudyCache
     tracking_uri: str
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        """The store's Optuna storage (what :mod:`worker.studies`' functions take)."""
+        return self.store.storage
 
 
 async def get_resources(request: Request) -> Resources:
@@ -52,12 +59,25 @@ def get_db(resources: Resources = Depends(get_resources)) -> Iterator[Session]:
         yield session
 
 
-async def get_storage(resources: Resources = Depends(get_resources)) -> optuna.storages.RDBStorage:
-    return resources.storage
-
-
 async def get_cache(resources: Resources = Depends(get_resources)) -> StudyCache:
     return resources.cache
+
+
+def load_snapshot(cache: StudyCache, study_id: str) -> StudySnapshot:
+    """The study's snapshot, refreshed if stale (may read the database), or a 404 problem."""
+    try:
+        return cache.snapshot(study_id)
+    except UnknownStudy:
+        raise Problem(404, "unknown-study", f"there is no study with id {study_id!r}") from None
+
+
+async def study_snapshot(study_id: str, cache: StudyCache = Depends(get_cache)) -> StudySnapshot:
+    """Dependency: the study's snapshot, read in the thread pool only when it must be
+    refreshed."""
+    snapshot = cache.peek(study_id)
+    if snapshot is not None:
+        return snapshot
+    return await run_in_threadpool(load_snapshot, cache, study_id)
 
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)

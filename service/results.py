@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import moocore
 import numpy as np
-from optuna._hypervolume import compute_hypervolume
 from optuna.trial import FrozenTrial, TrialState
 
 from worker.radii import RadiiSummary
+from worker.record import TrialRecord
 from worker.spec import FAMILY_PARAMS, StudySpec, metric_key
 
 #: Trial states as the API names them, in display order.
@@ -81,14 +82,16 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
     metric), ``feasible`` (``None`` unless completed), ``failure_reason``, ``mlflow_run_id``,
     ``model_uri``, ``started_at``/``completed_at`` (ISO 8601), ``duration_s``, ``retry_of``.
     """
-    attrs = frozen_trial.user_attrs
+    stored = TrialRecord.read(
+        frozen_trial, "metrics", "failure_reason", "mlflow_run_id", "model_uri", "retry_of"
+    )
     state = frozen_trial.state.name
     family = frozen_trial.params.get("loss")
     params: dict[str, Any] = {"loss": family}
     for name in FAMILY_PARAMS.get(family, ()):
         if name in frozen_trial.params:
             params[name] = float(frozen_trial.params[name])
-    metrics = {key: float(value) for key, value in (attrs.get("liptune.metrics") or {}).items()}
+    metrics = stored.metrics
     completed = frozen_trial.state == TrialState.COMPLETE and frozen_trial.values is not None
     values = (
         {
@@ -106,20 +109,19 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
         "values": values,
         "metrics": metrics,
         "feasible": _feasible(frozen_trial, spec, metrics) if completed else None,
-        "failure_reason": attrs.get("liptune.failure_reason"),
-        "mlflow_run_id": attrs.get("liptune.mlflow_run_id"),
-        "model_uri": attrs.get("liptune.model_uri"),
+        "failure_reason": stored.failure_reason,
+        "mlflow_run_id": stored.mlflow_run_id,
+        "model_uri": stored.model_uri,
         "started_at": _isoformat(frozen_trial.datetime_start),
         "completed_at": _isoformat(frozen_trial.datetime_complete),
         "duration_s": duration.total_seconds() if duration is not None else None,
-        "retry_of": attrs.get("liptune.retry_of"),
+        "retry_of": stored.retry_of,
     }
 
 
 def trial_radii(frozen_trial: FrozenTrial) -> RadiiSummary | None:
     """The certificate radii a completed trial stored, or ``None`` when it stored none."""
-    encoded = frozen_trial.user_attrs.get("liptune.radii")
-    return RadiiSummary.decode(encoded) if encoded else None
+    return TrialRecord.read(frozen_trial, "radii").radii
 
 
 def record_at_eps(record: Record, radii: RadiiSummary | None, eps: float) -> Record:
@@ -293,7 +295,7 @@ def hypervolume(
     losses = losses[np.all(losses <= reference_loss, axis=1)]
     if losses.size == 0:
         return 0.0
-    return float(compute_hypervolume(losses, reference_loss, assume_pareto=True))
+    return float(moocore.hypervolume(losses, ref=reference_loss))
 
 
 def best_so_far(

@@ -58,3 +58,8 @@ def test_write_named_fields_only_and_rejects_unknown_names():
 
 def test_read_of_an_empty_trial_is_the_default_record():
     assert TrialRecord.read({}) == TrialRecord()
+
+
+def test_read_named_fields_only():
+    attrs = TrialRecord(worker="w", retries=2).user_attrs()
+    assert TrialRecord.read(attrs, "retries") == TrialRecord(retries=2)

@@ -111,13 +111,14 @@ class TrialRecord:
             trial.set_user_attr(attr, value)
 
     @classmethod
-    def read(cls, trial: Any) -> TrialRecord:
+    def read(cls, trial: Any, *names: str) -> TrialRecord:
         """The record stored on ``trial`` (a :class:`optuna.trial.FrozenTrial`, a live trial, or
-        its ``user_attrs`` mapping); absent fields keep their defaults."""
+        its ``user_attrs`` mapping): the fields ``names`` (default: all; e.g. leave out
+        ``radii``, the costly one to decode); absent fields keep their defaults."""
         attrs: Mapping[str, Any] = trial if isinstance(trial, Mapping) else trial.user_attrs
         values = {
             name: _decode(name, attrs[key(name)])
-            for name in _FIELDS
+            for name in (_field_names(names) if names else _FIELDS)
             if attrs.get(key(name)) is not None
         }
         return cls(**values)

@@ -46,7 +46,7 @@ from dashboards.pages import PLOTLY_JS, STATIC_DIR, render
 from service import study_figures
 from service.cache import StudyCache, StudySnapshot, UnknownStudy
 from service.config import Settings
-from service.dependencies import get_cache, get_settings, require_read_key
+from service.dependencies import get_cache, get_settings, require_read_key, study_snapshot
 from service.problems import Problem
 from service.results import (
     Record,
@@ -58,8 +58,8 @@ from service.results import (
     record_at_eps,
     reference_point,
 )
-from service.routers.studies import study_snapshot
 from worker.radii import RadiiSummary
+from worker.record import TrialRecord
 from worker.spec import DEFAULT_REPORT_EPS, StudySpec, metric_key
 from worker.studies import optuna_study_name
 
@@ -424,8 +424,8 @@ def study_figure(
 
 
 def training_curves(trial: FrozenTrial, snapshot: StudySnapshot) -> go.Figure:
-    """The per-epoch log of the trial (user attribute ``liptune.epochs``)."""
-    epochs = trial.user_attrs.get("liptune.epochs") or []
+    """The per-epoch log of the trial (its record's ``epochs``)."""
+    epochs = TrialRecord.read(trial).epochs
     if not epochs and trial.state == TrialState.COMPLETE:
         return figures.empty_figure("This trial recorded no per-epoch log.")
     if not epochs and trial.state.is_finished():

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi_pagination import Params, paginate
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -20,11 +19,12 @@ from service.cache import StudyCache, StudySnapshot, UnknownStudy
 from service.db import StudyRow
 from service.dependencies import (
     Resources,
-    get_cache,
     get_db,
     get_resources,
+    load_snapshot,
     require_read_key,
     require_write_key,
+    study_snapshot,
 )
 from service.problems import Problem, field_error, invalid_input
 from service.schemas import (
@@ -39,7 +39,14 @@ from service.schemas import (
     render_json,
 )
 from worker.spec import StudySpec, metric_key
-from worker.studies import RUNNING, cancel_study, create_study, extend_study, optuna_study_name
+from worker.studies import (
+    RUNNING,
+    cancel_study,
+    create_study,
+    extend_study,
+    optuna_study_name,
+    study_status,
+)
 
 router = APIRouter(tags=["studies"])
 reads = [Depends(require_read_key)]
@@ -54,23 +61,6 @@ Eps = Annotated[
         "at eps) from the stored radii.",
     ),
 ]
-
-
-def load_snapshot(cache: StudyCache, study_id: str) -> StudySnapshot:
-    """The study's snapshot, refreshed if stale (may read the database), or a 404 problem."""
-    try:
-        return cache.snapshot(study_id)
-    except UnknownStudy:
-        raise Problem(404, "unknown-study", f"there is no study with id {study_id!r}") from None
-
-
-async def study_snapshot(study_id: str, cache: StudyCache = Depends(get_cache)) -> StudySnapshot:
-    """Dependency: the study's snapshot, read in the thread pool only when it must be
-    refreshed."""
-    snapshot = cache.peek(study_id)
-    if snapshot is not None:
-        return snapshot
-    return await run_in_threadpool(load_snapshot, cache, study_id)
 
 
 # --------------------------------------------------------------------------- views
@@ -331,8 +321,7 @@ def list_studies(
     ids = [row.id for row in rows]
     if status is not None:
         statuses = {
-            study.study_name: study.user_attrs.get("liptune.status")
-            for study in resources.storage.get_all_studies()
+            study.study_name: study_status(study) for study in resources.store.liptune_studies()
         }
         ids = [i for i in ids if statuses.get(optuna_study_name(i)) == status]
 

@@ -16,9 +16,14 @@ from mlflow.exceptions import MlflowException
 from starlette.background import BackgroundTask
 
 from service.cache import StudySnapshot
-from service.dependencies import Resources, get_resources, require_read_key, require_write_key
+from service.dependencies import (
+    Resources,
+    get_resources,
+    require_read_key,
+    require_write_key,
+    study_snapshot,
+)
 from service.problems import Problem, field_error, invalid_input
-from service.routers.studies import study_snapshot
 from service.schemas import (
     InfJSONResponse,
     Page,
@@ -28,6 +33,7 @@ from service.schemas import (
     TrialRecord,
     TrialStateName,
 )
+from worker.record import TrialRecord as StoredRecord
 from worker.tracking import ONNX_ARTIFACT, register_model
 
 router = APIRouter(tags=["trials"])
@@ -88,13 +94,13 @@ def list_trials(
 )
 def get_trial(number: int, snapshot: StudySnapshot = Depends(study_snapshot)) -> InfJSONResponse:
     record = _record(snapshot, number)
-    attrs = snapshot.trials[number].user_attrs
+    stored = StoredRecord.read(snapshot.trials[number])
     return InfJSONResponse(
         {
             **record,
-            "epochs": attrs.get("liptune.epochs") or [],
-            "certificate_mode": attrs.get("liptune.certificate_mode"),
-            "worker": attrs.get("liptune.worker"),
+            "epochs": stored.epochs,
+            "certificate_mode": stored.certificate_mode,
+            "worker": stored.worker,
         }
     )
 
