@@ -8,6 +8,8 @@ are the strings ``"Infinity"``/``"-Infinity"`` (``alpha_kr = inf``), every error
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import sqlalchemy
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -59,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     resources = open_resources(settings)
     app = FastAPI(
         title="liptune",
-        version="0.1.0",
+        version=importlib.metadata.version("liptune"),
         description=DESCRIPTION,
         default_response_class=InfJSONResponse,
         responses={

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 COMMANDS = {
@@ -30,6 +31,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(
         prog="liptune",
         description="Tune the accuracy / certified-robustness trade-off of 1-Lipschitz networks.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {importlib.metadata.version('liptune')}"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     subcommands = {
