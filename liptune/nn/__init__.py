@@ -1,10 +1,12 @@
 """1-Lipschitz building blocks: constrained layers, GNP activations, pooling, merges."""
 
 from liptune.nn.activations import FullSort, GroupSort, GroupSort2, HouseHolder, MaxMin
+from liptune.nn.aol import AOLConv2d, AOLRescaled, aol_scales
 from liptune.nn.containers import CERTIFICATE_MODES, LipschitzSequential, infer_certificate_mode
 from liptune.nn.conv import SpectralConv2d
 from liptune.nn.linear import FrobeniusLinear, OrthoLinear, SpectralLinear
 from liptune.nn.merge import LipschitzResidual, ScaledConcat
+from liptune.nn.orthogonal_conv import BCOPConv2d, BlockOrthogonal, compose_kernels
 from liptune.nn.parametrizations import (
     BjorckSpectral,
     CachedParametrization,
@@ -22,7 +24,11 @@ from liptune.nn.pooling import (
 
 __all__ = [
     "CERTIFICATE_MODES",
+    "AOLConv2d",
+    "AOLRescaled",
+    "BCOPConv2d",
     "BjorckSpectral",
+    "BlockOrthogonal",
     "CachedParametrization",
     "FrobeniusLinear",
     "FrobeniusNormalized",
@@ -43,6 +49,8 @@ __all__ = [
     "ScaledL2NormPool2d",
     "SpectralConv2d",
     "SpectralLinear",
+    "aol_scales",
     "bjorck_orthonormalize",
+    "compose_kernels",
     "infer_certificate_mode",
 ]
