@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 import sqlalchemy as sa
 import torch
 from optuna.trial import TrialState
@@ -24,6 +25,7 @@ from optuna.trial import TrialState
 from service.migrations import upgrade
 from worker import claims
 from worker.pool import Worker, WorkerOptions, run_worker
+from worker.record import TrialRecord
 from worker.storage import transaction_engine
 from worker.studies import cancel_study, create_study, optuna_study_name
 from worker.tracking import TrackingConfig
@@ -97,6 +99,25 @@ def test_racing_workers_complete_exactly_the_budget(
     assert all(
         len(t.values) == 2 and "accuracy" in t.user_attrs["liptune.metrics"] for t in complete
     )
+
+
+@pytest.mark.postgres
+def test_a_worker_on_a_bare_postgresql_url_runs_a_fresh_databases_study(
+    postgres_url: str, tiny_study_spec: Callable[..., Any], worker_processes: Any
+) -> None:
+    """``liptune worker --storage postgresql://...`` (the README's form, no driver named) on a
+    database no service has migrated: the worker resolves the URL once, migrates and runs."""
+    bare = postgres_url.replace("postgresql+psycopg2://", "postgresql://")
+    study_id = uuid.uuid4().hex
+    create_study(postgres_url, tiny_study_spec(n_trials=1), study_id)
+    process = worker_processes.start(bare, "--once", "--mlflow", "none", name="bare")
+    assert process.wait(timeout=300) == 0, worker_processes.log("bare")
+    study = optuna.load_study(study_name=optuna_study_name(study_id), storage=postgres_url)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    assert TrialRecord.read(trial).worker == "bare"
+    assert f"{study.study_name} trial 0 complete: accuracy=" in worker_processes.log("bare")
+    assert [row.state for row in claim_rows(postgres_url, study_id)] == [claims.COMPLETE]
 
 
 def in_thread(target: Callable[[], Any]) -> threading.Thread:
