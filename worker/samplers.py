@@ -17,6 +17,12 @@ every worker must use the spec's seed itself.
   Parzen estimator per family's sub-space), with the constant liar so that concurrent workers
   do not pile onto the same region.
 
+``guided`` first walks the guidelines' one-dimensional trade-off curves of the families in the
+space (:func:`guideline_points`: a temperature ladder for ``tau_ce``, a margin ladder at the
+largest alpha_kr, ``inf`` = hinge only, then an alpha_kr ladder at a middle margin for ``hkr``;
+HKR margins for inputs in [0, 1] between 0.01 and 5), one point per trial, then hands over to
+the sampler ``auto`` would choose, which refines with those trials as its data.
+
 Requirements are recorded with ``trial.set_constraint`` before ``tell`` (Optuna 5 deprecates
 samplers' ``constraints_func``); every sampler here reads them from the finished trials.
 """
@@ -26,17 +32,22 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import optuna
 
 from worker.search_space import grid
-from worker.spec import Range, StudySpec
+from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, Range, SearchSpace, StudySpec
 
 #: Above this many trials ``auto`` uses NSGA-II.
 LARGE_BUDGET = 300
 #: At most this many trials for ``auto`` to use the Gaussian-process sampler.
 GP_MAX_TRIALS = 100
+#: Points per one-dimensional curve of the ``guided`` first batch.
+LADDER_POINTS = 4
+#: The guidelines' range of HKR margins for inputs in [0, 1].
+GUIDELINE_MARGINS = (0.01, 5.0)
 
 
 class GridSampler(optuna.samplers.GridSampler):
@@ -73,9 +84,15 @@ def _is_small_numeric(spec: StudySpec) -> bool:
 
 
 def resolve_sampler(spec: StudySpec) -> str:
-    """The sampler a study uses: ``spec.sampler``, with ``auto`` resolved to a name."""
+    """The sampler a study uses: ``spec.sampler``, with ``auto`` resolved to a name (``guided``
+    stays ``guided``; :func:`refining_sampler` names the one it hands over to)."""
     if spec.sampler != "auto":
         return spec.sampler
+    return refining_sampler(spec)
+
+
+def refining_sampler(spec: StudySpec) -> str:
+    """The model-based sampler ``auto`` (and ``guided`` after its first batch) uses."""
     if spec.n_trials > LARGE_BUDGET:
         return "nsga2"
     if _is_small_numeric(spec):
@@ -90,6 +107,13 @@ def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     or over several loss families).
     """
     name = resolve_sampler(spec)
+    if name == "guided":
+        refined = spec.model_copy(update={"sampler": "auto"})
+        return GuidedSampler(
+            guideline_points(spec.search_space, LADDER_POINTS),
+            build_sampler(refined, seed),
+            offset=len(spec.baselines),
+        )
     if name == "tpe":
         with warnings.catch_warnings():  # `group` is experimental, and exactly what we want
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -116,4 +140,159 @@ def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.QMCSampler(
                 seed=spec.seed, scramble=True, warn_independent_sampling=False
             )
-    raise ValueError(f"unknown sampler {name!r}; choose one of auto, tpe, gp, nsga2, random, grid")
+    raise ValueError(
+        f"unknown sampler {name!r}; choose one of auto, guided, tpe, gp, nsga2, random, grid"
+    )
+
+
+def _ladder(values: Range | list[float] | float | None, name: str, count: int) -> list[float]:
+    """``count`` values spread over a searched parameter: log-spaced over a range (margins
+    clipped to :data:`GUIDELINE_MARGINS` when the range allows), evenly picked from a sorted
+    list; the one value of a fixed parameter."""
+    if isinstance(values, Range):
+        low, high = values.low, values.high
+        if name == "margin":
+            low, high = max(low, GUIDELINE_MARGINS[0]), min(high, GUIDELINE_MARGINS[1])
+            if low >= high:
+                low, high = values.low, values.high
+        if values.log or name in ("margin", "alpha_kr", "temperature"):
+            ladder = np.geomspace(max(low, 1e-12), high, count)
+        else:
+            ladder = np.linspace(low, high, count)
+        return sorted({float(value) for value in np.clip(ladder, values.low, values.high)})
+    if isinstance(values, list):
+        ordered = sorted(set(values))
+        picks = np.unique(np.rint(np.linspace(0, len(ordered) - 1, count)).astype(int))
+        return [float(ordered[i]) for i in picks]
+    return [PARAM_DEFAULTS[name] if values is None else float(values)]
+
+
+def _middle(values: Range | list[float] | float | None, name: str) -> float:
+    if isinstance(values, Range):
+        return float(np.sqrt(values.low * values.high)) if values.low > 0 else values.high / 2
+    if isinstance(values, list):
+        ordered = sorted(set(values))
+        return float(ordered[(len(ordered) - 1) // 2])
+    return PARAM_DEFAULTS[name] if values is None else float(values)
+
+
+def _largest(values: Range | list[float] | float | None, name: str) -> float:
+    if isinstance(values, Range):
+        return values.high
+    if isinstance(values, list):
+        return float(max(values))
+    return PARAM_DEFAULTS[name] if values is None else float(values)
+
+
+def guideline_points(space: SearchSpace, count: int) -> list[dict[str, Any]]:
+    """The ``guided`` first batch: for each family of ``space``, its one-dimensional trade-off
+    curves of ``count`` points (families interleaved, so that a small budget sees every one):
+
+    * ``tau_ce``: the temperature ladder (high: accurate, low: robust);
+    * ``hkr`` / ``soft_hkr``: the margin ladder at the largest alpha_kr (``inf`` = hinge only),
+      then the alpha_kr ladder at the middle margin;
+    * ``hinge``: the margin ladder; ``kr`` and ``cosine``: one point.
+    """
+    curves: list[list[dict[str, Any]]] = []
+    for family in space.families:
+        params = FAMILY_PARAMS[family]
+        base = {"loss": family}
+        if "temperature" in params:
+            base["temperature"] = _middle(space.temperature, "temperature")
+        if family == "tau_ce":
+            curves.append(
+                [
+                    {**base, "temperature": t}
+                    for t in _ladder(space.temperature, "temperature", count)
+                ]
+            )
+        elif "margin" in params:
+            alpha = (
+                {"alpha_kr": _largest(space.alpha_kr, "alpha_kr")} if "alpha_kr" in params else {}
+            )
+            margins = _ladder(space.margin, "margin", count)
+            curve = [{**base, **alpha, "margin": m} for m in margins]
+            if alpha:
+                middle = margins[(len(margins) - 1) // 2]
+                curve += [
+                    {**base, "margin": middle, "alpha_kr": a}
+                    for a in _ladder(space.alpha_kr, "alpha_kr", count)
+                    if a != alpha["alpha_kr"]
+                ]
+            curves.append(curve)
+        else:
+            curves.append([base])
+    points: list[dict[str, Any]] = []
+    for round_ in range(max(len(curve) for curve in curves)):
+        points += [curve[round_] for curve in curves if round_ < len(curve)]
+    return points
+
+
+class GuidedSampler(optuna.samplers.BaseSampler):
+    """Trial ``offset + k`` takes ``points[k]`` (its loss family and parameters); later trials,
+    and parameters a point does not name, come from ``refine``.
+
+    The point of a trial follows from its number, which the storage hands out once: several
+    workers never train the same point twice.
+    """
+
+    def __init__(
+        self,
+        points: list[dict[str, Any]],
+        refine: optuna.samplers.BaseSampler,
+        offset: int = 0,
+    ) -> None:
+        self.points = points
+        self.refine = refine
+        self.offset = offset
+
+    def _point(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+        index = trial.number - self.offset
+        return self.points[index] if 0 <= index < len(self.points) else None
+
+    def reseed_rng(self) -> None:
+        self.refine.reseed_rng()
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        if self._point(trial) is not None:
+            return {}
+        return self.refine.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        if self._point(trial) is not None:
+            return {}
+        return self.refine.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        point = self._point(trial)
+        if point is not None and param_name in point:
+            value = point[param_name]
+            if isinstance(param_distribution, optuna.distributions.CategoricalDistribution):
+                return next(c for c in param_distribution.choices if c == value)
+            return value
+        return self.refine.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.refine.before_trial(study, trial)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.refine.after_trial(study, trial, state, values)
