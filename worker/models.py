@@ -10,6 +10,10 @@ Every model is a :class:`liptune.nn.LipschitzSequential` whose head decides the 
 The defaults follow the guidelines for 1-Lipschitz networks: GroupSort2 activations, L2-norm
 pooling, orthogonally initialised layers (liptune's layers initialise so), Björck
 orthonormalisation.
+
+The conv nets' convolutions are of the spec's ``conv`` family, all with ``"same"`` zero padding:
+``spectral`` (:class:`~liptune.nn.SpectralConv2d`), ``aol`` (:class:`~liptune.nn.AOLConv2d`)
+or ``bcop`` (:class:`~liptune.nn.BCOPConv2d`). All export to plain ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from liptune.nn import (
+    AOLConv2d,
+    BCOPConv2d,
     FrobeniusLinear,
     FullSort,
     GroupSort,
@@ -53,13 +59,15 @@ MODELS: dict[str, ModelInfo] = {
     ),
     "convnet": ModelInfo(
         ConvNetSpec,
-        "VGG-like: per stage `convs_per_stage` SpectralConv2d (same padding) with the "
-        "activation, then a Lipschitz pooling; then dense layers of `dense_widths`.",
+        "VGG-like: per stage `convs_per_stage` convolutions of the `conv` family (same "
+        "padding) with the activation, then a Lipschitz pooling; then dense layers of "
+        "`dense_widths`.",
     ),
     "resnet": ModelInfo(
         ResNetSpec,
-        "Small residual network: per stage a SpectralConv2d then `blocks_per_stage` blocks "
-        "x -> (x + conv(act(conv(x)))) / 2, then L2-norm pooling; then dense layers.",
+        "Small residual network: per stage a convolution of the `conv` family then "
+        "`blocks_per_stage` blocks x -> (x + conv(act(conv(x)))) / 2, then L2-norm pooling; "
+        "then dense layers.",
     ),
 }
 
@@ -119,7 +127,11 @@ def _head(spec: ModelSpec, in_features: int, num_classes: int) -> nn.Module:
     return SpectralLinear(in_features, num_classes, **_linear_options(spec))
 
 
-def _conv(spec: ModelSpec, in_channels: int, out_channels: int) -> SpectralConv2d:
+def _conv(spec: ConvNetSpec | ResNetSpec, in_channels: int, out_channels: int) -> nn.Conv2d:
+    if spec.conv == "aol":
+        return AOLConv2d(in_channels, out_channels, spec.kernel_size, padding="same")
+    if spec.conv == "bcop":
+        return BCOPConv2d(in_channels, out_channels, spec.kernel_size, padding="same")
     return SpectralConv2d(
         in_channels, out_channels, spec.kernel_size, padding="same", **_linear_options(spec)
     )

@@ -9,7 +9,11 @@ For a :class:`~worker.spec.SearchSpace` the Optuna parameters of one trial are
   - a list of two or more values -> ``suggest_categorical(name, values)`` (``alpha_kr`` may
     hold ``inf``),
   - a fixed value (or a one-value list) -> not suggested, passed to the trial as is,
-  - absent -> not suggested, :data:`~worker.spec.PARAM_DEFAULTS`.
+  - absent -> not suggested, :data:`~worker.spec.PARAM_DEFAULTS`;
+
+* ``conv`` when the space names convolution families (``SearchSpace.conv``):
+  ``suggest_categorical`` among them (passed as is when there is one); without it the trial
+  uses the model's own ``conv`` and has no ``conv`` parameter.
 
 Every value the trial trains with, suggested or not, is recorded in the trial's user attribute
 :data:`PARAMS_ATTR`, so the front shows the whole loss configuration of every trial.
@@ -31,13 +35,16 @@ from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, Range, SearchSpace
 PARAMS_ATTR = "liptune.params"
 #: Trial user attribute of an enqueued trial: the parameters fixed in advance.
 ENQUEUED_ATTR = "liptune.enqueued_params"
+#: The parameters whose values are names, not numbers.
+_CATEGORIES = ("loss", "conv")
 
 
 def enqueue(
     study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, Any] | None = None
 ) -> None:
-    """Enqueue a trial whose ``params`` (``loss`` and some of its parameters) are fixed."""
-    params = {k: v if k == "loss" else float(v) for k, v in params.items() if v is not None}
+    """Enqueue a trial whose ``params`` (``loss``, some of its parameters, maybe ``conv``) are
+    fixed."""
+    params = {k: v if k in _CATEGORIES else float(v) for k, v in params.items() if v is not None}
     study.enqueue_trial(params, user_attrs={ENQUEUED_ATTR: params, **(user_attrs or {})})
 
 
@@ -52,8 +59,9 @@ def _within(values: Range | list[float], value: Any) -> bool:
 
 
 def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """Suggest one trial's loss parameters; returns all of them, e.g.
-    ``{"loss": "hkr", "margin": 0.3, "alpha_kr": 120.0}`` (only the family's parameters).
+    """Suggest one trial's loss parameters (and conv family); returns all of them, e.g.
+    ``{"loss": "hkr", "margin": 0.3, "alpha_kr": 120.0}`` (only the family's parameters), with
+    ``"conv": "aol"`` when the space searches convolution families.
 
     Optuna keeps one distribution per parameter for the whole study, so an enqueued value that
     lies outside the searched space (a baseline's other family, a value off the list) is passed
@@ -80,6 +88,13 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
             params[name] = values[0]
         else:
             params[name] = PARAM_DEFAULTS[name] if values is None else values
+    if space.conv is not None:
+        if enqueued.get("conv") in space.conv:
+            params["conv"] = enqueued["conv"]
+        elif len(space.conv) > 1:
+            params["conv"] = trial.suggest_categorical("conv", space.conv)
+        else:
+            params["conv"] = space.conv[0]
     trial.set_user_attr(PARAMS_ATTR, params)
     return params
 
@@ -94,7 +109,7 @@ def grid(space: SearchSpace) -> dict[str, list[Any]]:
 
     A grid needs one loss family (a product grid over several families would repeat every
     configuration once per value of the other families' parameters) and a list or a fixed value
-    for each of its searched parameters.
+    for each of its searched parameters; searched convolution families multiply the grid.
     """
     if len(space.families) > 1:
         raise ValueError(
@@ -112,8 +127,11 @@ def grid(space: SearchSpace) -> dict[str, list[Any]]:
             )
         if isinstance(values, list) and len(values) > 1:
             search[name] = list(values)
+    if space.conv is not None and len(space.conv) > 1:
+        search["conv"] = list(space.conv)
     if not search:
         raise ValueError(
-            f"the grid sampler needs at least one parameter of {family!r} with a list of values"
+            f"the grid sampler needs at least one parameter of {family!r} (or `conv`) with a "
+            "list of values"
         )
     return search

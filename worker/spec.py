@@ -36,6 +36,13 @@ DATASET_NAMES = (
     "spheres",
 )
 ACTIVATIONS = ("groupsort2", "groupsort", "fullsort", "maxmin", "householder")
+#: The convolution families of the zoo's conv nets (see :mod:`worker.models`).
+CONV_FAMILIES = ("spectral", "aol", "bcop")
+_CONV_DESCRIPTION = (
+    "Convolution family: `spectral` (SpectralConv2d, Björck on the reshaped kernel, scaled by "
+    "1/sqrt(kernel overlap)), `aol` (AOLConv2d, almost-orthogonal rescaling, no iterations), "
+    "`bcop` (BCOPConv2d, exactly orthogonal block convolutions)."
+)
 LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "hinge", "kr", "cosine")
 #: The hyper-parameters each loss family reads; the search space only suggests these.
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
@@ -134,6 +141,7 @@ class ConvNetSpec(_ModelBase):
     )
     convs_per_stage: int = Field(default=1, ge=1, le=8)
     kernel_size: int = Field(default=3, ge=1, le=11)
+    conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
     pooling: Literal["l2", "avg", "invertible"] = "l2"
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
@@ -145,6 +153,7 @@ class ResNetSpec(_ModelBase):
     channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[16, 32], min_length=1)
     blocks_per_stage: int = Field(default=1, ge=1, le=8)
     kernel_size: int = Field(default=3, ge=1, le=11)
+    conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
 
@@ -292,6 +301,21 @@ class SearchSpace(_Spec):
     margin: ParamSpace | None = None
     alpha_kr: ParamSpace | None = None
     temperature: ParamSpace | None = None
+    conv: list[Literal[CONV_FAMILIES]] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Convolution families to search (convnet and resnet models), a categorical "
+        "next to `loss`; absent: the model's own `conv`.",
+    )
+
+    @field_validator("conv")
+    @classmethod
+    def _conv_families(cls, conv: list[str] | None) -> list[str] | None:
+        if conv is not None:
+            if not conv:
+                raise ValueError("name at least one convolution family, or leave `conv` out")
+            if len(set(conv)) != len(conv):
+                raise ValueError("convolution families must be distinct")
+        return conv
 
     @field_validator("loss")
     @classmethod
@@ -369,7 +393,7 @@ class Requirement(Objective):
         return self.min - value if self.min is not None else value - self.max  # type: ignore[operator]
 
 
-SAMPLERS = ("auto", "guided", "tpe", "gp", "nsga2", "random", "grid", "qmc")
+SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "grid", "qmc")
 PRUNERS = ("none", "mo-asha")
 
 
@@ -448,6 +472,11 @@ class StudySpec(_Spec):
                 loss_spec_from_params(baseline)
             except ValueError as error:
                 raise ValueError(f"baselines[{index}]: {error}") from None
+        if self.search_space.conv is not None and not hasattr(self.model, "conv"):
+            raise ValueError(
+                f"search_space.conv searches convolution families, but model {self.model.name!r} "
+                "has no convolutions; use model `convnet` or `resnet`, or drop search_space.conv"
+            )
         return self
 
     def report_eps(self) -> list[float]:
@@ -469,10 +498,13 @@ class StudySpec(_Spec):
         }
         if pgd is not None and pgd_eps - set(pgd.eps):
             pgd = pgd.model_copy(update={"eps": sorted(set(pgd.eps) | pgd_eps)})
+        params = dict(params)
+        conv = params.pop("conv", None)
+        model = self.model if conv is None else self.model.model_copy(update={"conv": conv})
         return TrialSpec(
             name=self.name,
             dataset=self.dataset,
-            model=self.model,
+            model=model,
             training=self.training,
             loss=loss_spec_from_params(params),
             eps=self.report_eps(),
