@@ -393,7 +393,7 @@ class Requirement(Objective):
         return self.min - value if self.min is not None else value - self.max  # type: ignore[operator]
 
 
-SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "grid", "qmc")
+SAMPLERS = ("auto", "guided", "tpe", "gp", "nsga2", "random", "grid", "qmc")
 PRUNERS = ("none", "mo-asha")
 
 
