@@ -12,6 +12,7 @@ import torch
 from worker.datasets import load_dataset
 from worker.radii import RadiiSummary
 from worker.spec import TrialSpec
+from worker.store import using_tracking_uri
 from worker.tracking import MODEL_URI_TAG, TrackingConfig, flatten_params, register_model
 from worker.trial import FAILURE_TAG, run_trial
 
@@ -138,3 +139,86 @@ def test_failed_trial_is_recorded_as_failed_without_metrics(tracked):
     assert run.data.params["loss.temperature"] == str(3e38)
     with pytest.raises(ValueError, match="logged no model"):
         register_model(config.tracking_uri, result.run_id, "never", ["best"])
+
+
+def test_models_live_in_the_trials_run_and_the_studys_experiment(tracked):
+    """MLflow's own search sees both models in the study's experiment, from the trial's run,
+    with their files under the configured artifact root (not ./mlruns, not Default)."""
+    config, result = tracked
+    experiment = config.client.get_experiment_by_name(EXPERIMENT)
+    with using_tracking_uri(config.tracking_uri):
+        models = mlflow.search_logged_models(
+            experiment_ids=[experiment.experiment_id], output_format="list"
+        )
+        default = mlflow.search_logged_models(experiment_ids=["0"], output_format="list")
+    assert sorted(model.name for model in models) == ["model", "onnx"]
+    assert default == []
+    for model in models:
+        assert model.source_run_id == result.run_id
+        assert model.artifact_location.startswith(config.artifact_root.as_uri())
+    assert result.model_uri == f"models:/{next(m for m in models if m.name == 'model').model_id}"
+
+
+def test_onnx_model_is_a_real_mlflow_model_with_a_signature(tracked, mlflow_store):
+    config, result = tracked
+    experiment = config.client.get_experiment_by_name(EXPERIMENT)
+    (onnx_model,) = [
+        model
+        for model in config.client.search_logged_models([experiment.experiment_id])
+        if model.name == "onnx"
+    ]
+    x = load_dataset(spec().dataset, data_roots=[], seed=0).test.x[:16]
+    with mlflow_store(config.tracking_uri):
+        info = mlflow.models.get_model_info(f"models:/{onnx_model.model_id}")
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{onnx_model.model_id}")
+    assert info.flavors.keys() >= {"onnx", "python_function"}
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:]) == [1, 8, 8]
+    with torch.no_grad():
+        expected = result.model(x).numpy()
+    (predicted,) = pyfunc.predict(x.numpy()).values()  # {output name: array}
+    np.testing.assert_allclose(predicted, expected, atol=1e-5)
+
+
+SERVE_WITHOUT_LIPTUNE = """
+import importlib.util, json, os, sys
+# The project's checkout and its editable install out of reach: only the model's own copy of
+# the core (its code_paths) can provide liptune.
+sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != {repo!r}]
+def editable(hook):
+    return "__editable__" in (getattr(hook, "__module__", None) or type(hook).__module__)
+sys.meta_path[:] = [finder for finder in sys.meta_path if not editable(finder)]
+sys.path_hooks[:] = [hook for hook in sys.path_hooks if not editable(hook)]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("liptune") is None, "liptune is importable"
+import mlflow, numpy as np
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model({model_uri!r})
+x = np.load({x_path!r})
+print(json.dumps(np.asarray(model.predict(x)).tolist()))
+"""
+
+
+def test_registered_model_serves_where_liptune_is_not_importable(tracked, tmp_path):
+    """A fresh process without liptune loads the registered PyTorch model as pyfunc (what
+    `mlflow models serve --env-manager local` does) and predicts what the trial's model does."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config, result = tracked
+    uri = register_model(config.tracking_uri, result.model_uri, "served-mlp", ["prod"])
+    x = load_dataset(spec().dataset, data_roots=[], seed=0).test.x[:8].numpy()
+    x_path = tmp_path / "x.npy"
+    np.save(x_path, x)
+    repo = str(Path(__file__).resolve().parents[1])
+    script = SERVE_WITHOUT_LIPTUNE.format(
+        repo=repo, uri=config.tracking_uri, model_uri=uri, x_path=str(x_path)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        expected = result.model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.array(json.loads(done.stdout)), expected, atol=1e-6)

@@ -2,8 +2,15 @@
 
 Every call goes through an :class:`mlflow.MlflowClient` bound to the configured tracking URI, so
 threads of one process never share a fluent "active run". ``mlflow.pytorch.log_model`` reads
-the process-wide tracking URI: it runs under a lock with that URI set for the duration of the
-call.
+the process-wide tracking URI: it runs with that URI set for the duration of the call
+(:func:`worker.store.using_tracking_uri`).
+
+A trial's models are MLflow logged models created in the trial's run and the study's
+experiment, so their files live under the experiment's artifact location (the configured
+artifact root): the PyTorch model (``name="model"``, with liptune's core as ``code_paths``, so
+it loads where liptune is not installed) and the ONNX model (``name="onnx"``, a
+``mlflow.onnx`` model that ``mlflow models serve`` runs with onnxruntime), both with a
+signature and an input example.
 
 Speed: the model is pickled (``torch.export``'s pt2 format takes seconds), its pip requirements
 are stated (inferring them starts a subprocess) and system metrics are off.
@@ -16,7 +23,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,13 +39,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 import mlflow
+import mlflow.onnx
 import mlflow.pytorch
+import onnx
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
+import liptune
 from worker.paths import default_artifact_root, default_tracking_uri
+from worker.store import using_tracking_uri
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -47,11 +56,12 @@ for _name in ("mlflow", "alembic"):
 #: The run tag that holds the logged model's URI (``models:/m-...``).
 MODEL_URI_TAG = "liptune.model_uri"
 MODEL_NAME = "model"
+ONNX_MODEL_NAME = "onnx"
 ONNX_ARTIFACT = "model.onnx"
 RADII_ARTIFACT = "certificates/radii.npz"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-# mlflow.pytorch.log_model and model-version creation read the process-wide tracking URI.
-_global_uri_lock = threading.RLock()
+#: The core's source, shipped with each PyTorch model: the pickled modules are its classes.
+_CORE_PATH = str(Path(liptune.__file__).resolve().parent)
 
 
 @dataclass(frozen=True)
@@ -181,16 +191,18 @@ def log_model(
     input_example: torch.Tensor,
 ) -> str:
     """Log ``model`` (a plain, picklable module: the exported model, never a parametrised one)
-    with ``mlflow.pytorch.log_model`` under the name ``"model"``, with its signature and
-    ``input_example`` (a small batch). Returns the logged model's URI (``models:/m-...``),
-    also stored in the run's tag ``liptune.model_uri``."""
+    with ``mlflow.pytorch.log_model`` as the run's logged model ``"model"``, with its signature,
+    ``input_example`` (a small batch) and the core's source (``code_paths``); its requirements
+    are torch and numpy. Returns the logged model's URI (``models:/m-...``), also stored in the
+    run's tag ``liptune.model_uri``."""
     example = input_example.detach().cpu().numpy()
     model = model.cpu().eval()
     with torch.no_grad():
         output = model(input_example.detach().cpu()).numpy()
     signature = infer_signature(example, output)
+    model_id = _new_logged_model(config, run_id, MODEL_NAME)
     pytorch_logger = logging.getLogger("mlflow.pytorch")
-    with _global_uri_lock, _use_tracking_uri(config.tracking_uri):
+    with using_tracking_uri(config.tracking_uri):
         previous_level = pytorch_logger.level
         pytorch_logger.setLevel(logging.ERROR)  # the notice that pickles can run code
         try:
@@ -198,10 +210,15 @@ def log_model(
                 model,
                 name=MODEL_NAME,
                 run_id=run_id,
+                model_id=model_id,
                 signature=signature,
                 input_example=example,
                 serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "liptune"],
+                code_paths=[_CORE_PATH],
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"numpy=={np.__version__}",
+                ],
             )
         finally:
             pytorch_logger.setLevel(previous_level)
@@ -209,11 +226,46 @@ def log_model(
     return info.model_uri
 
 
-def log_onnx(config: TrackingConfig, run_id: str, onnx_path: Path) -> None:
-    """The ONNX file as the run's artifact ``model.onnx``."""
+def log_onnx(
+    config: TrackingConfig, run_id: str, onnx_path: Path, input_example: torch.Tensor
+) -> str:
+    """The ONNX file as the run's artifact ``model.onnx`` and as the run's ``mlflow.onnx``
+    logged model ``"onnx"`` (signature and ``input_example`` from onnxruntime's outputs).
+    Returns that model's URI."""
     if onnx_path.name != ONNX_ARTIFACT:
         raise ValueError(f"name the ONNX file {ONNX_ARTIFACT!r}, got {onnx_path.name!r}")
     config.client.log_artifact(run_id, str(onnx_path))
+    import onnxruntime
+
+    example = input_example.detach().cpu().numpy()
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    output = session.run(None, {input_name: example})[0]
+    model_id = _new_logged_model(config, run_id, ONNX_MODEL_NAME)
+    with using_tracking_uri(config.tracking_uri):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name=ONNX_MODEL_NAME,
+            run_id=run_id,
+            model_id=model_id,
+            signature=infer_signature(example, output),
+            input_example=example,
+            save_as_external_data=False,
+            pip_requirements=[
+                f"onnxruntime=={onnxruntime.__version__}",
+                f"onnx=={onnx.__version__}",
+            ],
+        )
+    return info.model_uri
+
+
+def _new_logged_model(config: TrackingConfig, run_id: str, name: str) -> str:
+    """A logged model of the run, in the run's experiment (``mlflow.<flavor>.log_model`` alone
+    would create it in the process's active experiment, ``Default``, whose artifacts sit in
+    ``./mlruns`` under the working directory); its id."""
+    client = config.client
+    experiment = client.get_run(run_id).info.experiment_id
+    return client.create_logged_model(experiment, name=name, source_run_id=run_id).model_id
 
 
 def log_radii(
@@ -272,7 +324,7 @@ def register_model(
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     # MLflow resolves a `models:/m-...` source through the process-wide tracking URI.
-    with _global_uri_lock, _use_tracking_uri(tracking_uri):
+    with using_tracking_uri(tracking_uri):
         version = client.create_model_version(
             name,
             source=model_uri,

@@ -254,7 +254,7 @@ def _record(
         onnx_path = export_onnx(
             result.model, Path(folder) / tracking.ONNX_ARTIFACT, splits.input_shape
         )
-        tracking.log_onnx(config, run_id, onnx_path)
+        tracking.log_onnx(config, run_id, onnx_path, splits.test.x[:2])
     tracking.log_radii(
         config,
         run_id,
