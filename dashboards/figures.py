@@ -143,6 +143,11 @@ class TrialPoint:
     params: Mapping[str, object] = field(default_factory=dict)
     values: Mapping[str, float] = field(default_factory=dict)
     feasible: bool | None = None
+    pruned_at_epoch: int | None = None
+
+
+#: Pruned trials: drawn behind the others, greyed.
+PRUNED_COLOR = "#9ca3af"
 
 
 def _hover_text(point: TrialPoint) -> str:
@@ -151,6 +156,8 @@ def _hover_text(point: TrialPoint) -> str:
     lines += [f"{metric_label(key)}: {format_value(v)}" for key, v in point.values.items()]
     if point.feasible is False:
         lines.append("<i>does not meet the study's requirements</i>")
+    if point.pruned_at_epoch is not None:
+        lines.append(f"<i>pruned after epoch {point.pruned_at_epoch} (validation values)</i>")
     return "<br>".join(lines)
 
 
@@ -167,6 +174,7 @@ def pareto_figure(
     meeting: Iterable[int] = (),
     recommended: int | None = None,
     title: str | None = None,
+    pruned: Sequence[TrialPoint] = (),
 ) -> go.Figure:
     """Every trial in the (``x_key``, ``y_key``) plane, the Pareto front highlighted and joined.
 
@@ -179,9 +187,11 @@ def pareto_figure(
         meeting: numbers of the trials that meet the page's requirement filters, ringed in
             green (role ``"meeting"``; no trace when empty).
         recommended: the recommended trial's number, a star (role ``"recommended"``).
+        pruned: trials the pruner stopped, at the validation values they reached, greyed and
+            labelled with their epoch (role ``"pruned"``; never on the front).
     """
     x_title, y_title = metric_label(x_key), metric_label(y_key)
-    if not points:
+    if not points and not pruned:
         return empty_figure(
             "No completed trial yet: trials appear here as they finish.", title=title
         )
@@ -189,6 +199,23 @@ def pareto_figure(
     by_number = {point.number: point for point in points}
     families = sorted({p.family for p in points}, key=_family_order)
     traces: list[go.Scatter] = []
+    if pruned:
+        traces.append(
+            go.Scatter(
+                x=[p.x for p in pruned],
+                y=[p.y for p in pruned],
+                mode="markers+text",
+                name="pruned",
+                meta={"role": "pruned"},
+                customdata=[p.number for p in pruned],
+                text=[f"e{p.pruned_at_epoch}" for p in pruned],
+                textposition="top center",
+                textfont={"color": PRUNED_COLOR, "size": 9},
+                hovertext=[_hover_text(p) for p in pruned],
+                hovertemplate="%{hovertext}<extra>pruned</extra>",
+                marker={"color": PRUNED_COLOR, "size": 7, "opacity": 0.6, "symbol": "circle"},
+            )
+        )
     for family in families:
         members = [p for p in points if p.family == family]
         traces.append(
@@ -277,8 +304,8 @@ def pareto_figure(
 
     layout = _layout(title, x_title, y_title)
     for axis, key, values in (
-        ("xaxis", x_key, [p.x for p in points]),
-        ("yaxis", y_key, [p.y for p in points]),
+        ("xaxis", x_key, [p.x for p in (*points, *pruned)]),
+        ("yaxis", y_key, [p.y for p in (*points, *pruned)]),
     ):
         if len(set(values)) == 1 and key.partition("_eps_")[0] in FRACTION_METRICS:
             layout[axis] = {**layout[axis], "range": [0, 1.02]}  # one value: show it on [0, 1]
@@ -286,6 +313,7 @@ def pareto_figure(
         "front": [p.number for p in front_points],
         "meeting": [p.number for p in meeting_points],
         "recommended": recommended if recommended in by_number else None,
+        "pruned": [p.number for p in pruned],
     }
     layout["hovermode"] = "closest"
     return go.Figure(data=traces, layout=layout)

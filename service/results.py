@@ -80,10 +80,20 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
     family's ``margin``/``alpha_kr``/``temperature``; ``alpha_kr`` may be ``inf``), ``values``
     (objective key -> value, ``None`` unless the trial completed), ``metrics`` (every final
     metric), ``feasible`` (``None`` unless completed), ``failure_reason``, ``mlflow_run_id``,
-    ``model_uri``, ``started_at``/``completed_at`` (ISO 8601), ``duration_s``, ``retry_of``.
+    ``model_uri``, ``started_at``/``completed_at`` (ISO 8601), ``duration_s``, ``retry_of``,
+    ``epochs_trained``, ``pruned_at_epoch`` (the epoch after which the pruner stopped it) and
+    ``values_reached`` (a pruned trial's validation metrics at that epoch, by metric key, with
+    ``training_time`` so far; ``None`` for other trials).
     """
     stored = TrialRecord.read(
-        frozen_trial, "metrics", "failure_reason", "mlflow_run_id", "model_uri", "retry_of"
+        frozen_trial,
+        "metrics",
+        "failure_reason",
+        "mlflow_run_id",
+        "model_uri",
+        "retry_of",
+        "epochs",
+        "pruned_at_epoch",
     )
     state = frozen_trial.state.name
     family = frozen_trial.params.get("loss")
@@ -116,7 +126,19 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
         "completed_at": _isoformat(frozen_trial.datetime_complete),
         "duration_s": duration.total_seconds() if duration is not None else None,
         "retry_of": stored.retry_of,
+        "epochs_trained": len(stored.epochs),
+        "pruned_at_epoch": stored.pruned_at_epoch,
+        "values_reached": _values_reached(stored.epochs) if state == "PRUNED" else None,
     }
+
+
+def _values_reached(epochs: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    if not epochs:
+        return None
+    last = epochs[-1]
+    reached = {k[len("val_") :]: float(v) for k, v in last.items() if k.startswith("val_")}
+    reached["training_time"] = float(sum(record.get("seconds", 0.0) for record in epochs))
+    return reached
 
 
 def trial_radii(frozen_trial: FrozenTrial) -> RadiiSummary | None:
@@ -324,6 +346,17 @@ def state_counts(records: Iterable[Record]) -> dict[str, int]:
     return counts
 
 
+def epoch_counts(records: Iterable[Record], epochs_per_trial: int) -> dict[str, int]:
+    """``spent``: the epochs the study's trials trained; ``saved``: the epochs its pruned trials
+    did not train (``epochs_per_trial - pruned_at_epoch`` each)."""
+    spent = saved = 0
+    for record in records:
+        spent += record["epochs_trained"]
+        if record["state"] == "PRUNED" and record["pruned_at_epoch"] is not None:
+            saved += max(0, epochs_per_trial - record["pruned_at_epoch"])
+    return {"spent": spent, "saved": saved}
+
+
 def eta_seconds(records: Sequence[Record], n_trials: int, now: datetime) -> float | None:
     """Seconds until the study has ``n_trials`` completed trials, estimated as
 
@@ -335,7 +368,8 @@ def eta_seconds(records: Sequence[Record], n_trials: int, now: datetime) -> floa
     before any trial completed. ``now`` must be comparable with the trials' start times.
     """
     completed = [r for r in records if r["state"] == "COMPLETE" and r["duration_s"] is not None]
-    remaining = n_trials - sum(r["state"] == "COMPLETE" for r in records)
+    # a pruned trial used its slot of the budget
+    remaining = n_trials - sum(r["state"] in ("COMPLETE", "PRUNED") for r in records)
     if remaining <= 0:
         return 0.0
     if not completed:

@@ -79,6 +79,13 @@ class TrialRecord(_Schema):
     completed_at: str | None
     duration_s: float | None
     retry_of: int | None
+    epochs_trained: int = Field(description="Epochs the trial trained so far.")
+    pruned_at_epoch: int | None = Field(
+        description="PRUNED trials: the epoch after which the pruner stopped it."
+    )
+    values_reached: dict[str, Number] | None = Field(
+        description="PRUNED trials: validation metrics at that epoch, by metric key."
+    )
 
 
 class TrialDetail(TrialRecord):
@@ -128,6 +135,10 @@ class StudyDetail(StudySummary):
         "and radii, the slowest completed trial for training_time."
     )
     eta_seconds: float | None = Field(description="Estimated seconds until the budget is met.")
+    epochs: dict[str, int] = Field(
+        description="`spent`: epochs trained by the study's trials; `saved`: epochs its pruned "
+        "trials did not train."
+    )
 
 
 class ParetoFront(_Schema):

@@ -9,7 +9,10 @@ One worker runs one trial at a time:
    worker), suggests the loss parameters (:mod:`worker.search_space`), and runs the trial
    (:func:`worker.trial.run_trial`) while a thread heartbeats the claim and the Optuna trial;
 3. it tells Optuna the objective values (in the order of ``spec.objectives``) with the
-   requirements as constraints, or FAIL with ``liptune.failure_reason``.
+   requirements as constraints, or FAIL with ``liptune.failure_reason``, or PRUNED when the
+   study's pruner (:mod:`worker.pruning`) stopped it at a rung: its slot counts as used (the
+   budget is ``n_trials`` trials started), its record keeps the epochs it reached and
+   ``pruned_at_epoch``.
 
 What a trial records beyond Optuna's params and values is its :class:`worker.record.TrialRecord`
 (worker, epochs, metrics, radii, MLflow ids, failure reason, retries); every read and write of
@@ -44,6 +47,7 @@ import optuna
 
 from worker import claims
 from worker.claims import Claim
+from worker.pruning import MOASHA
 from worker.record import TrialRecord
 from worker.samplers import build_sampler, worker_seed
 from worker.search_space import enqueue, suggest_params, trial_params
@@ -258,6 +262,14 @@ class Worker:
             if reported is not None and reported in record:
                 trial.report(float(record[reported]), step=int(record["epoch"]))
 
+        pruner = MOASHA(spec) if spec.pruner.name == "mo-asha" else None
+
+        def should_prune(record: dict[str, Any]) -> bool:
+            # on_epoch has committed this epoch: the rung is ranked on committed records only
+            if pruner is None or int(record["epoch"]) not in pruner.rungs:
+                return False
+            return pruner.decide(trial.number, epochs, self.store.epoch_records(study))
+
         logger.info("%s trial %d: %s", study.study_name, trial.number, params)
         return run_trial(
             trial_spec,
@@ -270,6 +282,7 @@ class Worker:
             },
             should_stop=self._should_stop(study),
             on_epoch=on_epoch,
+            should_prune=should_prune if pruner is not None else None,
             data_roots=self.options.data_roots,
             device=self.options.device,
             threads=self.options.threads,
@@ -309,6 +322,22 @@ class Worker:
                 self._fail(
                     study, trial, claim, CANCELLED if status == CANCELLED else f"study {status}"
                 )
+            return
+        if result.status == "pruned":
+            # A pruned trial used its slot: the claim completes, the budget stays exact.
+            if not self.store.finish_claim(claim, claims.COMPLETE):
+                self._fail(study, trial, claim, "its claim was freed as stale by another worker")
+                return
+            record = TrialRecord(pruned_at_epoch=result.pruned_at_epoch)
+            if self.store.prune(study, trial, record):
+                logger.info(
+                    "%s trial %d pruned after epoch %d",
+                    study.study_name,
+                    trial.number,
+                    result.pruned_at_epoch,
+                )
+            if self.store.claim_counts(claim.study_name).complete >= spec.n_trials:
+                self._set_status(claim.study_name, COMPLETED)
             return
         if result.status != "completed":
             self._fail(study, trial, claim, result.failure_reason or result.status)

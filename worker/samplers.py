@@ -44,6 +44,19 @@ from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, Range, SearchSpace, Study
 LARGE_BUDGET = 300
 #: At most this many trials for ``auto`` to use the Gaussian-process sampler.
 GP_MAX_TRIALS = 100
+#: What each ``StudySpec.sampler`` does (the catalogue serves these).
+SAMPLER_DESCRIPTIONS = {
+    "auto": "Chosen from the space and budget: NSGA-II above 300 trials, GP for one family "
+    "with numeric ranges up to 100 trials, multivariate grouped TPE otherwise.",
+    "guided": "The guidelines' trade-off ladders first (temperature for tau_ce; margin at the "
+    "largest alpha_kr, then alpha_kr at a middle margin for hkr), then what auto picks.",
+    "tpe": "Optuna's TPE, multivariate and grouped, with the constant liar.",
+    "gp": "Optuna's Gaussian-process sampler (log EHVI for several objectives).",
+    "nsga2": "Optuna's NSGA-II.",
+    "random": "Uniform (log-uniform for log ranges) random search.",
+    "grid": "Every combination of one family's listed values, in random order.",
+    "qmc": "A scrambled Sobol sequence shared by all workers.",
+}
 #: Points per one-dimensional curve of the ``guided`` first batch.
 LADDER_POINTS = 4
 #: The guidelines' range of HKR margins for inputs in [0, 1].

@@ -204,6 +204,26 @@ class StudyStore:
             return False
         return True
 
+    def prune(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
+        """Store ``record``'s set fields (its epochs, ``pruned_at_epoch``) and end ``trial`` as
+        PRUNED (Optuna 5 takes no values for a pruned trial: they live in the record);
+        ``False`` when it was already finished."""
+        try:
+            record.write(trial)
+            study.tell(trial, state=TrialState.PRUNED)
+        except UpdateFinishedTrialError:
+            return False
+        return True
+
+    def epoch_records(self, study: optuna.Study) -> list[tuple[int, list[dict[str, Any]]]]:
+        """``(trial number, stored epoch records)`` of every trial of ``study`` as committed,
+        whatever its state: what a pruner ranks a rung against. Optuna's cached storage reads
+        only the trials not yet finished again."""
+        return [
+            (trial.number, TrialRecord.read(trial).epochs)
+            for trial in study.get_trials(deepcopy=False)
+        ]
+
     def fail(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
         """Store ``record``'s set fields (the failure reason) and end ``trial`` as FAIL;
         ``False`` when it was already finished."""

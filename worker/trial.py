@@ -8,7 +8,10 @@
   exceeds ``1 + LIPSCHITZ_TOLERANCE`` (its certificates would not hold). No metric is recorded;
   the MLflow run is marked FAILED with the reason in the tag ``liptune.failure_reason``;
 - ``"cancelled"``: ``should_stop`` answered True between two epochs (MLflow run KILLED, with the
-  epochs done).
+  epochs done);
+- ``"pruned"``: ``should_prune`` stopped it after ``pruned_at_epoch`` epochs (MLflow run KILLED
+  with the epochs done and the tag ``liptune.status=pruned``; nothing is exported or tested: the
+  values it reached are its last epoch's validation metrics).
 
 A spec that cannot run at all (missing data set, an architecture that does not fit the input, a
 loss without a variant for the task) raises before anything is trained or logged:
@@ -56,7 +59,7 @@ FAILURE_TAG = "liptune.failure_reason"
 _init_lock = threading.Lock()
 _threads_lock = threading.Lock()
 
-Status = Literal["completed", "failed", "cancelled"]
+Status = Literal["completed", "failed", "cancelled", "pruned"]
 
 
 @dataclass
@@ -82,6 +85,7 @@ class TrialResult:
     model_uri: str | None = None
     model: nn.Module | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    pruned_at_epoch: int | None = None
 
 
 def run_trial(
@@ -92,6 +96,7 @@ def run_trial(
     tags: dict[str, str] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    should_prune: Callable[[dict], bool] | None = None,
     data_roots: list[Path] | None = None,
     device: str | None = None,
     threads: int | None = None,
@@ -105,6 +110,7 @@ def run_trial(
         tags: extra run tags (e.g. ``liptune.study_id``, ``liptune.trial_number``).
         should_stop: asked before every epoch; True cancels the trial.
         on_epoch: called with each epoch's record.
+        should_prune: asked with each epoch's record after ``on_epoch``; True prunes the trial.
         data_roots: directories data may be read from; default those of the data directory.
         device: overrides ``spec.training.device``.
         threads: overrides ``spec.training.threads`` (torch's intra-op threads, restored after).
@@ -135,6 +141,7 @@ def run_trial(
                 seed=spec.seed,
                 should_stop=should_stop,
                 on_epoch=on_epoch,
+                should_prune=should_prune,
             )
         result = TrialResult(
             status="completed", epochs=run.epochs, certificate_mode=mode, timings=timings
@@ -143,6 +150,8 @@ def run_trial(
             result.status, result.failure_reason = "failed", run.failure_reason
         elif run.cancelled:
             result.status = "cancelled"
+        elif run.pruned_at_epoch is not None:
+            result.status, result.pruned_at_epoch = "pruned", run.pruned_at_epoch
         else:
             test = _finish(result, model, splits, spec, run, torch_device)
         if tracking is not None:
@@ -236,7 +245,7 @@ def _record(
     if result.status == "failed":
         tracking.end_run(config, run_id, "FAILED")
         return
-    if result.status == "cancelled" or test is None:
+    if result.status in ("cancelled", "pruned") or test is None:
         tracking.log_metrics(config, run_id, {}, epochs=run.epochs, end_times=run.end_times)
         tracking.end_run(config, run_id, "KILLED")
         return

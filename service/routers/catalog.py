@@ -1,4 +1,5 @@
-"""``/datasets``, ``/models``, ``/losses``: what a study spec may name, with defaults and ranges.
+"""``/datasets``, ``/models``, ``/losses``, ``/samplers``: what a study spec may name, with
+defaults and ranges.
 
 Each entry comes from the worker's registries; ``fields`` lists the spec fields that configure
 it as ``{name: {"type", "default", "minimum", "maximum", "choices", "description"}}`` (only the
@@ -18,7 +19,8 @@ from service.dependencies import Resources, get_resources, require_read_key
 from worker.datasets import DATASETS
 from worker.losses import LOSSES
 from worker.models import MODELS
-from worker.spec import DatasetSpec, TrainingSpec
+from worker.samplers import SAMPLER_DESCRIPTIONS
+from worker.spec import DatasetSpec, PrunerSpec, TrainingSpec
 
 router = APIRouter(tags=["catalog"], dependencies=[Depends(require_read_key)])
 
@@ -101,6 +103,15 @@ def list_models() -> dict[str, Any]:
         for name, info in MODELS.items()
     ]
     return {"items": items, "training": spec_fields(TrainingSpec)}
+
+
+@router.get("/samplers", summary="Samplers a study may use, and the pruner's settings")
+def list_samplers() -> dict[str, Any]:
+    items = [
+        {"name": name, "description": description}
+        for name, description in SAMPLER_DESCRIPTIONS.items()
+    ]
+    return {"items": items, "pruner": spec_fields(PrunerSpec)}
 
 
 @router.get("/losses", summary="Loss families, their hyper-parameters, defaults and ranges")

@@ -279,6 +279,20 @@ def pareto(snapshot: StudySnapshot, query: FigureQuery) -> go.Figure:
         and (x := _value(record, x_key)) is not None
         and (y := _value(record, y_key)) is not None
     ]
+    pruned = [
+        figures.TrialPoint(
+            number=record["number"],
+            family=str(record["params"].get("loss")),
+            x=reached[x_key],
+            y=reached[y_key],
+            params=record["params"],
+            values={x_key: reached[x_key], y_key: reached[y_key]},
+            pruned_at_epoch=record["pruned_at_epoch"],
+        )
+        for record in snapshot.records
+        if record["state"] == "PRUNED"
+        and (reached := record["values_reached"] or {}).keys() >= {x_key, y_key}
+    ]
     meeting, recommendation = _requirements(snapshot, query)
     figure = figures.pareto_figure(
         points,
@@ -287,6 +301,7 @@ def pareto(snapshot: StudySnapshot, query: FigureQuery) -> go.Figure:
         y_key=y_key,
         meeting=meeting,
         recommended=recommendation["trial"] if recommendation else None,
+        pruned=pruned,
     )
     meta = dict(figure.layout.meta or {"front": [], "meeting": []})
     meta.update(eps=query.eps, x_key=x_key, y_key=y_key, recommendation=recommendation)

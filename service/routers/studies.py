@@ -115,6 +115,7 @@ def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
             "requirements": [r.model_dump(mode="json") for r in snapshot.spec.requirements],
             "hypervolume": results.hypervolume(snapshot.records, objectives),
             "eta_seconds": eta,
+            "epochs": results.epoch_counts(snapshot.records, snapshot.spec.training.epochs),
         }
 
     # The ETA moves with the clock: recomputed at each refresh (once per TTL at most).
