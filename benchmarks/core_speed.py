@@ -5,6 +5,11 @@ The reference network (28x28x1 inputs, batch 256) is built three ways:
 - ``liptune``: SpectralConv2d 1->16 (3x3, same), GroupSort2, ScaledL2NormPool2d(2),
   SpectralConv2d 16->32, GroupSort2, ScaledL2NormPool2d(2), flatten, SpectralLinear 1568->64,
   GroupSort2, FrobeniusLinear 64->10;
+- ``aol``, ``bcop``: the same with AOLConv2d / BCOPConv2d in place of SpectralConv2d (the GNP
+  convolution families);
+- ``orthogonium-aoc``, ``orthogonium-aol``: the same with orthogonium's AdaptiveOrthoConv2d
+  (zero padding) / AOLConv2D, the external anchors (``pip install --no-deps orthogonium``;
+  skipped when it is missing);
 - ``deel``: the same with deel-torchlip's layers;
 - ``plain``: the unconstrained twin (nn.Conv2d / nn.Linear, ReLU, AvgPool2d).
 
@@ -35,16 +40,35 @@ from liptune import nn as lnn
 from liptune.export import vanilla_export
 
 BATCH = 256
-VARIANTS = ("liptune", "deel", "plain")
+VARIANTS = ("liptune", "aol", "bcop", "orthogonium-aoc", "orthogonium-aol", "deel", "plain")
+CONVS = {"liptune": lnn.SpectralConv2d, "aol": lnn.AOLConv2d, "bcop": lnn.BCOPConv2d}
+
+
+def _orthogonium_conv(variant: str) -> Callable[..., nn.Module]:
+    from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d
+    from orthogonium.layers.conv.AOL import AOLConv2D
+
+    if variant == "orthogonium-aol":
+        return AOLConv2D
+    return lambda *args, **kwargs: AdaptiveOrthoConv2d(*args, padding_mode="zeros", **kwargs)
+
+
+def available_variants() -> tuple[str, ...]:
+    try:
+        import orthogonium  # noqa: F401
+    except ImportError:
+        return tuple(v for v in VARIANTS if not v.startswith("orthogonium"))
+    return VARIANTS
 
 
 def build(variant: str) -> nn.Module:
-    if variant == "liptune":
+    if variant in CONVS or variant.startswith("orthogonium"):
+        conv = CONVS[variant] if variant in CONVS else _orthogonium_conv(variant)
         return lnn.LipschitzSequential(
-            lnn.SpectralConv2d(1, 16, 3, padding="same"),
+            conv(1, 16, 3, padding="same"),
             lnn.GroupSort2(),
             lnn.ScaledL2NormPool2d(2),
-            lnn.SpectralConv2d(16, 32, 3, padding="same"),
+            conv(16, 32, 3, padding="same"),
             lnn.GroupSort2(),
             lnn.ScaledL2NormPool2d(2),
             nn.Flatten(),
@@ -179,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"batch": BATCH, "repeats": repeats, "threads": {}}
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        models = {name: build(name) for name in VARIANTS}
+        models = {name: build(name) for name in available_variants()}
         train = interleaved_medians(
             {name: training_step(model) for name, model in models.items()}, repeats, warmup
         )
@@ -193,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
             "train liptune/plain": train["liptune"] / train["plain"],
             "train liptune/deel": train["liptune"] / train["deel"],
             "train deel/plain": train["deel"] / train["plain"],
+            "train aol/plain": train["aol"] / train["plain"],
+            "train bcop/plain": train["bcop"] / train["plain"],
+            "train aol/liptune": train["aol"] / train["liptune"],
+            "train bcop/liptune": train["bcop"] / train["liptune"],
+            **{
+                f"train {name}/plain": train[name] / train["plain"]
+                for name in train
+                if name.startswith("orthogonium")
+            },
             "inference exported/plain": infer["exported"] / infer["plain"],
         }
         figures["threads"][threads] = {"train_ms": train, "inference_ms": infer, "ratios": ratios}
@@ -204,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in ratios.items():
             print(f"  {name:<26} {value:6.2f}")
     memory_steps = 2 if args.quick else 5
-    figures["peak_memory_mib"] = {v: peak_memory_mib(v, memory_steps) for v in VARIANTS}
+    figures["peak_memory_mib"] = {v: peak_memory_mib(v, memory_steps) for v in available_variants()}
     print(f"peak resident set above the built model, {memory_steps} training steps (1 thread):")
     for name, mib in figures["peak_memory_mib"].items():
         print(f"  {name:<9} {mib:8.1f} MiB")

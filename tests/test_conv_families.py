@@ -231,3 +231,14 @@ def test_invalid_configs_are_refused_with_the_argument_named(family, kwargs, mes
 def test_bcop_rank_is_checked():
     with pytest.raises(ValueError, match="rank must be at most"):
         BCOPConv2d(2, 3, 3, rank=4)
+
+
+def test_aol_scales_match_orthogonium():
+    # orthogonium (Boissin et al.) rescales output channels: on the transposed, flipped kernel
+    # (the adjoint convolution) its AOL is ours.
+    aol = pytest.importorskip("orthogonium.layers.conv.AOL.aol")
+    generator = torch.Generator().manual_seed(0)
+    kernel = torch.randn((5, 3, 3, 2), generator=generator, dtype=torch.float64)
+    theirs = aol.AOLReparametrizer(3, 1).double()(kernel.transpose(0, 1).flip(-2, -1))
+    ours = AOLConv2d(3, 5, (3, 2)).parametrizations.weight[0].double().constrain(kernel)
+    torch.testing.assert_close(theirs.flip(-2, -1).transpose(0, 1), ours, rtol=1e-12, atol=1e-12)
