@@ -82,6 +82,8 @@ def create_study(storage: Storage, spec: StudySpec, study_id: str) -> optuna.Stu
         directions=[objective.direction for objective in spec.objectives],
         sampler=sampler,
     )
+    # optuna-dashboard and optuna.visualization label the axes with these.
+    study.set_metric_names([objective.key for objective in spec.objectives])
     study.set_user_attr(ID_ATTR, study_id)
     study.set_user_attr(SPEC_ATTR, json.loads(spec.model_dump_json()))
     study.set_user_attr(
