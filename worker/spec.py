@@ -163,6 +163,9 @@ ModelSpec = Annotated[MLPSpec | ConvNetSpec | ResNetSpec, Field(discriminator="n
 # --------------------------------------------------------------------------- training and loss
 
 
+Precision = Literal["float32", "tf32", "bf16"]
+
+
 class TrainingSpec(_Spec):
     epochs: int = Field(default=10, ge=1, le=10_000)
     batch_size: int = Field(default=128, ge=1, le=65_536)
@@ -175,6 +178,12 @@ class TrainingSpec(_Spec):
     gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="Decay factor (`step`).")
     device: str = Field(default="auto", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads.")
+    precision: Precision = Field(
+        default="float32",
+        description="Training steps' arithmetic: `float32`, `tf32` (CUDA matmuls and "
+        "convolutions) or `bf16` (autocast forward passes). Validation, export, bounds and "
+        "certificates always run in float32 or float64.",
+    )
 
     @field_validator("lr")
     @classmethod

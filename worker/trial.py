@@ -49,7 +49,7 @@ from worker.models import build_model
 from worker.paths import default_data_roots, liptune_home
 from worker.radii import RadiiSummary
 from worker.spec import FAMILY_PARAMS, TrialSpec
-from worker.training import TrainingRun, resolve_device, train
+from worker.training import TrainingRun, full_precision, resolve_device, train
 
 #: A model whose Lipschitz upper bound exceeds 1 + this is never recorded as a result.
 LIPSCHITZ_TOLERANCE = 1e-3
@@ -153,7 +153,8 @@ def run_trial(
         elif run.pruned_at_epoch is not None:
             result.status, result.pruned_at_epoch = "pruned", run.pruned_at_epoch
         else:
-            test = _finish(result, model, splits, spec, run, torch_device)
+            with full_precision():
+                test = _finish(result, model, splits, spec, run, torch_device)
         if tracking is not None:
             with _timed(timings, "tracking"):
                 _record(

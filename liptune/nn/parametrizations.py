@@ -10,6 +10,8 @@ buffer is changed in place (an optimizer step or a ``copy_``), which is detected
 tensors' version counters.
 """
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -33,9 +35,10 @@ def bjorck_orthonormalize(weight: Tensor, iterations: int, tolerance: float) -> 
 
     maps each singular value :math:`s \in (0, \sqrt 3)` by :math:`s \mapsto 1.5 s - 0.5 s^3`,
     which converges to 1. After at least one step, the loop stops before ``iterations`` once
-    :math:`\|W W^\top - I\|_F <` ``tolerance``. Since :math:`1.5 s - 0.5 s^3 \le 1` for every
-    :math:`s \ge 0`, one step already bounds all singular values by 1; the tolerance only
-    decides how close to 1 the small ones get.
+    :math:`\|W W^\top - I\|_F <` ``tolerance`` when ``weight`` is on the CPU; on other devices
+    all ``iterations`` steps run, since the test would synchronise the device with the host.
+    Since :math:`1.5 s - 0.5 s^3 \le 1` for every :math:`s \ge 0`, one step already bounds all
+    singular values by 1; the tolerance only decides how close to 1 the small ones get.
 
     The iteration runs on the Gram matrix of the smaller side: with
     :math:`G_k = W_k W_k^\top` and :math:`A_k = \tfrac32 I - \tfrac12 G_k`,
@@ -48,8 +51,11 @@ def bjorck_orthonormalize(weight: Tensor, iterations: int, tolerance: float) -> 
     eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
     gram = w @ w.mT
     polynomial = None
+    # Reading the residual is a host synchronisation: free on the CPU, a stall of the whole
+    # queue on an accelerator, where the remaining steps cost less than the wait.
+    early_stop = w.device.type == "cpu"
     for step in range(iterations):
-        if step > 0 and torch.linalg.matrix_norm(gram.detach() - eye) < tolerance:
+        if early_stop and step > 0 and torch.linalg.matrix_norm(gram.detach() - eye) < tolerance:
             break
         factor = torch.add(1.5 * eye, gram, alpha=-0.5)
         polynomial = factor if polynomial is None else factor @ polynomial
@@ -60,6 +66,12 @@ def bjorck_orthonormalize(weight: Tensor, iterations: int, tolerance: float) -> 
     # (P W^T)^T = W P, which comes out contiguous (a transposed result would make the
     # convolutions that use it copy or take slower paths).
     return polynomial @ weight if wide else weight @ polynomial
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class CachedParametrization(nn.Module):
@@ -82,15 +94,18 @@ class CachedParametrization(nn.Module):
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.training:
-            self._cache = None
-            return self.constrain(weight)
-        key = self._state_key(weight)
-        if self._cache is None or key != self._cache_key:
-            with torch.no_grad():
-                self._cache = self.constrain(weight)
-            self._cache_key = key
-        return self._cache
+        # The constraint is computed in the weight's own dtype even under autocast: a bf16
+        # Björck iteration leaves singular values visibly above 1.
+        with _without_autocast(weight.device.type):
+            if self.training:
+                self._cache = None
+                return self.constrain(weight)
+            key = self._state_key(weight)
+            if self._cache is None or key != self._cache_key:
+                with torch.no_grad():
+                    self._cache = self.constrain(weight)
+                self._cache_key = key
+            return self._cache
 
     def train(self, mode: bool = True) -> "CachedParametrization":
         self._cache = None

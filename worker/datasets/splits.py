@@ -21,6 +21,10 @@ class Split(NamedTuple):
     def __len__(self) -> int:  # the number of examples, not of fields
         return int(self.y.shape[0])
 
+    def to(self, device: torch.device | str) -> Split:
+        """This split on ``device`` (itself when already there), for a whole trial."""
+        return Split(self.x.to(device), self.y.to(device))
+
 
 @dataclass(frozen=True)
 class DataSplits:
