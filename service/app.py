@@ -13,6 +13,7 @@ import importlib.metadata
 import sqlalchemy
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy.orm import sessionmaker
@@ -36,6 +37,30 @@ follow it, read its Pareto front at any eps, register and download the model you
 Errors are `application/problem+json` (RFC 9457) with `errors: [{field, reason, type}]` naming
 the offending field. Infinite numbers (e.g. `alpha_kr`) are written `"Infinity"`.
 """
+
+
+TAGS = [
+    {
+        "name": "studies",
+        "description": "Submit, follow, cancel and extend studies; their Pareto "
+        "fronts at any eps and recommendations.",
+    },
+    {
+        "name": "trials",
+        "description": "A study's trials: records, per-epoch logs, model "
+        "downloads and registration in the MLflow model registry.",
+    },
+    {
+        "name": "catalog",
+        "description": "What a study spec may name: data sets, models, losses, samplers, defaults.",
+    },
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Readable operation ids: the route function's name (``get_study``, ``list_trials``)."""
+    return route.name
 
 
 def open_resources(settings: Settings) -> Resources:
@@ -64,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=importlib.metadata.version("liptune"),
         description=DESCRIPTION,
         default_response_class=InfJSONResponse,
+        openapi_tags=TAGS,
+        generate_unique_id_function=_operation_id,
         responses={
             "4XX": {
                 "model": ProblemSchema,

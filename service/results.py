@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from worker.radii import RadiiSummary
 from worker.record import TrialRecord
-from worker.spec import FAMILY_PARAMS, StudySpec, metric_key
+from worker.spec import DEFAULT_REPORT_EPS, FAMILY_PARAMS, StudySpec, metric_key
 
 #: Trial states as the API names them, in display order.
 TRIAL_STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
@@ -402,6 +402,53 @@ class Recommendation:
     closest: Record | None = None
     shortfall: dict[str, float] = field(default_factory=dict)
     best_achieved: dict[str, float] = field(default_factory=dict)
+
+
+def default_eps(spec: StudySpec) -> float:
+    """The eps a study is about: its certified-accuracy objective's, else its first
+    requirement's, else the smallest eps it reports at."""
+    for item in (*spec.objectives, *spec.requirements):
+        if item.metric == "certified_accuracy" and item.eps is not None:
+            return item.eps
+    reported = spec.report_eps()
+    return reported[0] if reported else DEFAULT_REPORT_EPS[0]
+
+
+@dataclass(frozen=True)
+class RequirementAnswer:
+    """:func:`recommend_for` 's answer: the ``minimums`` asked (metric key -> minimum), the key
+    it maximised, the records at ``eps`` it chose among, and the :class:`Recommendation`."""
+
+    eps: float
+    minimums: dict[str, float]
+    maximize: str
+    records: list[Record]
+    recommendation: Recommendation
+
+
+def recommend_for(
+    records: Iterable[Record],
+    radii: Mapping[int, RadiiSummary | None],
+    eps: float,
+    *,
+    min_accuracy: float | None = None,
+    min_certified_accuracy: float | None = None,
+) -> RequirementAnswer:
+    """The best trial with clean accuracy >= ``min_accuracy`` and certified accuracy at ``eps``
+    >= ``min_certified_accuracy`` (either may be ``None``, not both): the best accuracy when
+    certified accuracy is required, else the best certified accuracy. Certified accuracy is
+    recomputed from each trial's ``radii`` (trial number -> summary)."""
+    certified = metric_key("certified_accuracy", eps)
+    minimums: dict[str, float] = {}
+    if min_accuracy is not None:
+        minimums["accuracy"] = min_accuracy
+    if min_certified_accuracy is not None:
+        minimums[certified] = min_certified_accuracy
+    if not minimums:
+        raise ValueError("give min_accuracy and/or min_certified_accuracy")
+    maximize = "accuracy" if min_certified_accuracy is not None else certified
+    at_eps = [record_at_eps(r, radii.get(r["number"]), eps) for r in records]
+    return RequirementAnswer(eps, minimums, maximize, at_eps, recommend(at_eps, minimums, maximize))
 
 
 def _value(record: Record, key: str) -> float | None:

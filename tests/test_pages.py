@@ -384,3 +384,23 @@ def test_inf_alpha_kr_survives_the_figure_json(client, storage):
     load_study(storage, study_id).add_trial(trial)
     fig = figure(client, f"/studies/{study_id}/figures/pareto")
     assert "alpha_KR: ∞" in with_role(fig, "family")[0]["text"][0]
+
+
+def test_page_and_recommend_default_to_the_same_eps_and_trial(client, storage):
+    """Without an eps, the page's recommendation and ``/recommend`` answer at the same eps
+    (here: no certified-accuracy objective, the reporting list unsorted) with the same trial."""
+    study_id = submit(
+        client,
+        name="default-eps",
+        objectives=[{"metric": "accuracy"}, {"metric": "mean_certified_radius"}],
+        eps=[0.5, 0.1, 0.25],
+    )
+    populate(storage, study_id, completed=8, seed=3)
+    fig = figure(client, f"/studies/{study_id}/figures/pareto", min_certified_accuracy=0.2)
+    page = fig["layout"]["meta"]["recommendation"]
+    api = client.get(
+        f"/studies/{study_id}/recommend", params={"min_certified_accuracy": 0.2}, headers=JSON
+    ).json()
+    assert api["eps"] == 0.1
+    assert page["minimums"] == {"certified_accuracy_eps_0.1": 0.2}
+    assert page["trial"] == api["trial"]["number"]

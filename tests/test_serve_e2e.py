@@ -125,7 +125,7 @@ def test_digits_study_end_to_end(server, tmp_path: Path, mlflow_store):
         f"/studies/{study_id}/trials/{chosen}/register",
         json={"name": "digits-e2e", "aliases": ["champion"]},
     )
-    assert registered.status_code == 200, registered.text
+    assert registered.status_code == 201, registered.text
     model_uri = registered.json()["model_uri"]
     assert model_uri == "models:/digits-e2e@champion"
 

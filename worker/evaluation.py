@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -103,8 +102,3 @@ def pgd_metrics(
         metric_key("empirical_robust_accuracy", eps): float(value)
         for eps, value in zip(spec.eps, values.tolist(), strict=True)
     }
-
-
-def radii_arrays(predictions: Predictions) -> tuple[np.ndarray, np.ndarray]:
-    """The per-point ``(radii, correct)`` as numpy arrays (float32, bool)."""
-    return predictions.radii.float().numpy(), predictions.correct.numpy()

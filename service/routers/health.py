@@ -20,13 +20,14 @@ from sqlalchemy import text
 from service.dependencies import Resources, get_resources
 from service.problems import Problem
 from service.results import TRIAL_STATES
+from service.schemas import Health
 from worker.store import StudyStore
 from worker.studies import RUNNING, STATUSES, load_spec, study_status
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness: the process answers")
+@router.get("/health", response_model=Health, summary="Liveness: the process answers")
 def health() -> dict[str, str]:
     return {"status": "ok"}
 

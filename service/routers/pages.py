@@ -51,16 +51,17 @@ from service.problems import Problem
 from service.results import (
     Record,
     candidates,
+    default_eps,
     eps_objectives,
     objective_entries,
     pareto_front,
-    recommend,
+    recommend_for,
     record_at_eps,
     reference_point,
 )
 from worker.radii import RadiiSummary
 from worker.record import TrialRecord
-from worker.spec import DEFAULT_REPORT_EPS, StudySpec, metric_key
+from worker.spec import metric_key
 from worker.studies import optuna_study_name
 
 #: Points of a certified-accuracy curve.
@@ -189,16 +190,6 @@ def plotly_js() -> FileResponse:
 # --------------------------------------------------------------------------- helpers
 
 
-def default_eps(spec: StudySpec) -> float:
-    """The eps a study is about: its certified-accuracy objective's, else its first
-    requirement's, else the first reporting eps."""
-    for item in (*spec.objectives, *spec.requirements):
-        if item.metric == "certified_accuracy" and item.eps is not None:
-            return item.eps
-    reported = spec.report_eps()
-    return reported[0] if reported else DEFAULT_REPORT_EPS[0]
-
-
 def _value(record: Record, key: str) -> float | None:
     value = (record["values"] or {}).get(key, record["metrics"].get(key))
     return None if value is None or math.isnan(value) else float(value)
@@ -317,24 +308,21 @@ def _requirements(
     :func:`service.results.recommend`: the best accuracy among them when certified accuracy is
     required, else the best certified accuracy."""
     requirement_eps = query.requirement_eps or query.eps or default_eps(snapshot.spec)
-    certified_key = metric_key("certified_accuracy", requirement_eps)
-    minimums: dict[str, float] = {}
-    if query.min_accuracy is not None:
-        minimums["accuracy"] = query.min_accuracy
-    if query.min_certified_accuracy is not None:
-        minimums[certified_key] = query.min_certified_accuracy
-    if not minimums:
+    if query.min_accuracy is None and query.min_certified_accuracy is None:
         return [], None
-    at_eps = [
-        record_at_eps(r, snapshot.radii.get(r["number"]), requirement_eps) for r in snapshot.records
-    ]
+    asked = recommend_for(
+        snapshot.records,
+        snapshot.radii,
+        requirement_eps,
+        min_accuracy=query.min_accuracy,
+        min_certified_accuracy=query.min_certified_accuracy,
+    )
+    minimums, maximize, answer = asked.minimums, asked.maximize, asked.recommendation
     meeting = [
         r["number"]
-        for r in candidates(at_eps)
+        for r in candidates(asked.records)
         if all((v := _value(r, k)) is not None and v >= m for k, m in minimums.items())
     ]
-    maximize = "accuracy" if query.min_certified_accuracy is not None else certified_key
-    answer = recommend(at_eps, minimums, maximize)
     return meeting, {
         "trial": answer.trial["number"] if answer.trial else None,
         "maximize": maximize,
@@ -399,8 +387,6 @@ def parallel_coordinates(snapshot: StudySnapshot, query: FigureQuery) -> go.Figu
     return study_figures.parallel_coordinate_figure(_optuna_study(snapshot), keys.index(key), key)
 
 
-#: The figures drawn by Optuna from the whole study, memoised per snapshot.
-OPTUNA_FIGURES = frozenset({"hypervolume", "importance", "parallel-coordinates"})
 STUDY_FIGURES: Mapping[str, Callable[[StudySnapshot, FigureQuery], go.Figure]] = {
     "pareto": pareto,
     "certified-accuracy": certified_accuracy_curves,

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi_pagination import Params, paginate
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +26,7 @@ from service.dependencies import (
     require_write_key,
     study_snapshot,
 )
+from service.http import conditional_json, paged_json
 from service.problems import Problem, field_error, invalid_input
 from service.schemas import (
     ExtendRequest,
@@ -38,7 +39,7 @@ from service.schemas import (
     StudySummary,
     render_json,
 )
-from worker.spec import StudySpec, metric_key
+from worker.spec import StudySpec
 from worker.studies import (
     RUNNING,
     cancel_study,
@@ -313,11 +314,12 @@ def extend(
     "/studies", response_model=Page[StudySummary], dependencies=reads, summary="List studies"
 )
 def list_studies(
+    request: Request,
     status: Annotated[StudyStatus | None, Query(description="Only studies in this status.")] = None,
     params: Params = Depends(),
     db: Session = Depends(get_db),
     resources: Resources = Depends(get_resources),
-) -> InfJSONResponse:
+) -> Response:
     rows = db.execute(select(StudyRow.id).order_by(StudyRow.created_at.desc(), StudyRow.id)).all()
     ids = [row.id for row in rows]
     if status is not None:
@@ -335,7 +337,7 @@ def list_studies(
                 continue
         return views
 
-    return InfJSONResponse(paginate(ids, params, transformer=summaries, safe=True).model_dump())
+    return paged_json(request, paginate(ids, params, transformer=summaries, safe=True).model_dump())
 
 
 @router.get(
@@ -344,11 +346,13 @@ def list_studies(
     dependencies=reads,
     summary="A study: spec, status, counts, best values, hypervolume, ETA",
 )
-async def get_study(snapshot: StudySnapshot = Depends(study_snapshot)) -> Response:
+async def get_study(
+    request: Request, snapshot: StudySnapshot = Depends(study_snapshot)
+) -> Response:
     body = snapshot.memo(
         ("detail.json", snapshot.refreshed_at), lambda: render_json(detail_view(snapshot))
     )
-    return Response(body, media_type="application/json")
+    return conditional_json(request, body)
 
 
 @router.get(
@@ -358,17 +362,10 @@ async def get_study(snapshot: StudySnapshot = Depends(study_snapshot)) -> Respon
     summary="The non-dominated feasible completed trials",
 )
 async def get_pareto(
-    eps: Eps = None, snapshot: StudySnapshot = Depends(study_snapshot)
+    request: Request, eps: Eps = None, snapshot: StudySnapshot = Depends(study_snapshot)
 ) -> Response:
     body = snapshot.memo(("pareto.json", eps), lambda: render_json(pareto_view(snapshot, eps)))
-    return Response(body, media_type="application/json")
-
-
-def _default_eps(spec: StudySpec) -> float:
-    for item in (*spec.objectives, *spec.requirements):
-        if item.metric == "certified_accuracy" and item.eps is not None:
-            return item.eps
-    return spec.eps[0]
+    return conditional_json(request, body)
 
 
 @router.get(
@@ -406,19 +403,15 @@ def recommend(
                 )
             ]
         )
-    eps = _default_eps(snapshot.spec) if eps is None else eps
-    certified = metric_key("certified_accuracy", eps)
-    minimums = {}
-    if min_accuracy is not None:
-        minimums["accuracy"] = min_accuracy
-    if min_certified_accuracy is not None:
-        minimums[certified] = min_certified_accuracy
-    maximize = "accuracy" if min_certified_accuracy is not None else certified
-    at_eps = [
-        results.record_at_eps(record, snapshot.radii.get(record["number"]), eps)
-        for record in snapshot.records
-    ]
-    answer = results.recommend(at_eps, minimums, maximize)
+    eps = results.default_eps(snapshot.spec) if eps is None else eps
+    asked = results.recommend_for(
+        snapshot.records,
+        snapshot.radii,
+        eps,
+        min_accuracy=min_accuracy,
+        min_certified_accuracy=min_certified_accuracy,
+    )
+    answer, minimums = asked.recommendation, asked.minimums
     if answer.trial is None:
         wanted = ", ".join(f"{key} >= {value:g}" for key, value in minimums.items())
         reached = ", ".join(f"{key} = {value:.4g}" for key, value in answer.best_achieved.items())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import mlflow.artifacts
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi_pagination import Params, paginate
 from mlflow import MlflowClient
@@ -23,15 +23,16 @@ from service.dependencies import (
     require_write_key,
     study_snapshot,
 )
+from service.http import conditional_json, paged_json
 from service.problems import Problem, field_error, invalid_input
 from service.schemas import (
-    InfJSONResponse,
     Page,
     Registered,
     RegisterRequest,
     TrialDetail,
     TrialRecord,
     TrialStateName,
+    render_json,
 )
 from worker.record import TrialRecord as StoredRecord
 from worker.tracking import ONNX_ARTIFACT, register_model
@@ -76,14 +77,15 @@ def _completed_with_model(snapshot: StudySnapshot, number: int) -> dict[str, Any
     summary="The trials of a study, by number",
 )
 def list_trials(
+    request: Request,
     state: Annotated[TrialStateName | None, Query(description="Only trials in this state.")] = None,
     params: Params = Depends(),
     snapshot: StudySnapshot = Depends(study_snapshot),
-) -> InfJSONResponse:
+) -> Response:
     records = snapshot.records
     if state is not None:
         records = [record for record in records if record["state"] == state]
-    return InfJSONResponse(paginate(records, params, safe=True).model_dump())
+    return paged_json(request, paginate(records, params, safe=True).model_dump())
 
 
 @router.get(
@@ -92,22 +94,24 @@ def list_trials(
     dependencies=reads,
     summary="One trial, with its per-epoch log",
 )
-def get_trial(number: int, snapshot: StudySnapshot = Depends(study_snapshot)) -> InfJSONResponse:
+def get_trial(
+    request: Request, number: int, snapshot: StudySnapshot = Depends(study_snapshot)
+) -> Response:
     record = _record(snapshot, number)
     stored = StoredRecord.read(snapshot.trials[number])
-    return InfJSONResponse(
-        {
-            **record,
-            "epochs": stored.epochs,
-            "certificate_mode": stored.certificate_mode,
-            "worker": stored.worker,
-        }
-    )
+    detail = {
+        **record,
+        "epochs": stored.epochs,
+        "certificate_mode": stored.certificate_mode,
+        "worker": stored.worker,
+    }
+    return conditional_json(request, render_json(detail))
 
 
 @router.post(
     "/studies/{study_id}/trials/{number}/register",
     response_model=Registered,
+    status_code=201,
     dependencies=writes,
     summary="Register the trial's model in the MLflow model registry",
 )
