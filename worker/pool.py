@@ -75,6 +75,15 @@ STATUS_CHECK_INTERVAL_S = 1.0
 MIN_FAILURE_BUDGET = 5
 
 
+def trial_threads(worker_threads: int | None, spec_threads: int | None) -> int | None:
+    """The CPU threads a trial runs with: the spec's ``training.threads`` when it asks for
+    some, never more than the worker's ``--threads`` (its share of the cores); else the
+    worker's; ``None`` leaves torch's default."""
+    if worker_threads is None or spec_threads is None:
+        return spec_threads or worker_threads
+    return min(worker_threads, spec_threads)
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -285,7 +294,7 @@ class Worker:
             should_prune=should_prune if pruner is not None else None,
             data_roots=self.options.data_roots,
             device=self.options.device,
-            threads=self.options.threads,
+            threads=trial_threads(self.options.threads, spec.training.threads),
         )
 
     def _should_stop(self, study: optuna.Study) -> Callable[[], bool]:
