@@ -69,8 +69,8 @@ class TrialRecord:
     - ``radii``: the test split's certificate radii (recomputes certified accuracy at any eps);
     - ``certificate_mode``: how the head's margin becomes a radius (``binary``, ``global``,
       ``classwise``);
-    - ``mlflow_run_id``, ``mlflow_model_id`` (MLflow 3 logged model), ``model_uri``
-      (``models:/NAME@ALIAS`` once registered, else the logged model's URI);
+    - ``mlflow_run_id`` and ``model_uri``, the PyTorch logged model's URI (``models:/m-ID``,
+      ``ID`` being the MLflow logged model id);
     - ``failure_reason`` (one line) and ``failure_details`` (a short traceback) of a failed trial;
     - ``retry_of`` (number of the failed trial this one retries) and ``retries`` (how many
       retries led here);
@@ -86,7 +86,6 @@ class TrialRecord:
     radii: RadiiSummary | None = None
     certificate_mode: str | None = None
     mlflow_run_id: str | None = None
-    mlflow_model_id: str | None = None
     model_uri: str | None = None
     failure_reason: str | None = None
     failure_details: str | None = None
