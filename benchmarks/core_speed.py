@@ -22,6 +22,10 @@ built model and its batch, in a fresh child process running a few steps of one v
 
     .venv/bin/python benchmarks/core_speed.py            # full run, 1 and 2 threads
     .venv/bin/python benchmarks/core_speed.py --quick    # a smoke run
+    .venv/bin/python benchmarks/core_speed.py --device cuda   # on a GPU
+
+On CUDA each timed call ends with ``torch.cuda.synchronize()`` and peak memory is
+``torch.cuda.max_memory_allocated`` above the built model and its batch, in this process.
 """
 
 import argparse
@@ -40,6 +44,8 @@ from liptune import nn as lnn
 from liptune.export import vanilla_export
 
 BATCH = 256
+#: Where the models and batches live (``--device``).
+DEVICE = torch.device("cpu")
 VARIANTS = ("liptune", "aol", "bcop", "orthogonium-aoc", "orthogonium-aol", "deel", "plain")
 CONVS = {"liptune": lnn.SpectralConv2d, "aol": lnn.AOLConv2d, "bcop": lnn.BCOPConv2d}
 
@@ -111,10 +117,11 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand((BATCH, 1, 28, 28), generator=generator)
     y = torch.randint(0, 10, (BATCH,), generator=generator)
-    return x, y
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def training_step(model: nn.Module) -> Callable[[], None]:
+    model.to(DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = batch()
     model.train()
@@ -128,6 +135,7 @@ def training_step(model: nn.Module) -> Callable[[], None]:
 
 
 def inference(model: nn.Module) -> Callable[[], None]:
+    model.to(DEVICE)
     x, _ = batch()
     model.eval()
 
@@ -150,8 +158,27 @@ def interleaved_medians(
         for name, run in runs.items():
             start = time.perf_counter()
             run()
+            _wait()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _wait() -> None:
+    """Let the device finish what was queued (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def cuda_peak_mib(variant: str, steps: int) -> float:
+    """Peak CUDA memory allocated over ``steps`` steps above the built model and batch, MiB."""
+    step = training_step(build(variant))
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    baseline = torch.cuda.memory_allocated(DEVICE)
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize(DEVICE)
+    return (torch.cuda.max_memory_allocated(DEVICE) - baseline) / 2**20
 
 
 def _status_kib(field: str) -> int:
@@ -195,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     repeats = args.repeats or (5 if args.quick else 40)
     warmup = 2 if args.quick else 5
     thread_counts = [1] if args.quick else [int(t) for t in args.threads.split(",")]
     torch.manual_seed(0)
-    figures: dict = {"batch": BATCH, "repeats": repeats, "threads": {}}
+    figures: dict = {"batch": BATCH, "repeats": repeats, "device": str(DEVICE), "threads": {}}
     for threads in thread_counts:
         torch.set_num_threads(threads)
         models = {name: build(name) for name in available_variants()}
@@ -229,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             "inference exported/plain": infer["exported"] / infer["plain"],
         }
         figures["threads"][threads] = {"train_ms": train, "inference_ms": infer, "ratios": ratios}
-        print(f"torch threads: {threads}  (batch {BATCH}, median of {repeats}, interleaved)")
+        print(
+            f"{DEVICE}, torch threads: {threads}  (batch {BATCH}, median of {repeats}, interleaved)"
+        )
         for name, seconds in train.items():
             print(f"  train step  {name:<9} {seconds * 1e3:8.1f} ms")
         for name, seconds in infer.items():
@@ -237,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in ratios.items():
             print(f"  {name:<26} {value:6.2f}")
     memory_steps = 2 if args.quick else 5
-    figures["peak_memory_mib"] = {v: peak_memory_mib(v, memory_steps) for v in available_variants()}
-    print(f"peak resident set above the built model, {memory_steps} training steps (1 thread):")
+    peak = cuda_peak_mib if DEVICE.type == "cuda" else peak_memory_mib
+    figures["peak_memory_mib"] = {v: peak(v, memory_steps) for v in available_variants()}
+    what = "CUDA memory allocated" if DEVICE.type == "cuda" else "resident set (1 thread)"
+    print(f"peak {what} above the built model, {memory_steps} training steps:")
     for name, mib in figures["peak_memory_mib"].items():
         print(f"  {name:<9} {mib:8.1f} MiB")
     if args.json:
