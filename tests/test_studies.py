@@ -196,3 +196,15 @@ def test_processes_starting_together_on_a_fresh_database_all_get_the_schema(
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
     tables = set(sa.inspect(sa.create_engine(storage_url)).get_table_names())
     assert {"studies", "trials", "liptune_studies", "liptune_alembic_version"} <= tables
+
+
+def test_a_store_on_an_unmigrated_database_says_how_to_migrate(tmp_path: Path) -> None:
+    from worker.store import SchemaMissing, StudyStore
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    store = StudyStore(url)
+    with pytest.raises(SchemaMissing, match="liptune worker"):
+        store.require_schema()
+    upgrade(url)  # the same Alembic history as the service's tables creates the claims
+    store.require_schema()
+    assert sa.inspect(store.engine).has_table(claims.CLAIMS_TABLE)
