@@ -89,6 +89,22 @@ class Settings(BaseSettings):
     )
     max_trials: int = Field(default=1000, ge=1, description="Largest `n_trials` a study may ask.")
     max_epochs: int = Field(default=500, ge=1, description="Largest `training.epochs`.")
+    max_parameters: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="Largest model a study may train, in free parameters (see worker/costs.py).",
+    )
+    max_activation_bytes: int = Field(
+        default=4 * 2**30,
+        ge=1,
+        description="Largest training-step memory a study may need beyond its weights: the "
+        "activations autograd keeps at the batch size plus the constrained weights' copies.",
+    )
+    devices: list[str] | None = Field(
+        default=None,
+        description="Training devices a spec may name besides `auto` and `cpu` (e.g. "
+        '`["cuda", "cuda:0"]` where the workers have GPUs); default: this machine\'s.',
+    )
     max_body_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest request body; larger gets 413."
     )

@@ -160,8 +160,9 @@ class ExtendRequest(_Schema):
     n_trials: int = Field(ge=1, description="Trials to add to the budget.")
 
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/ ]{0,255}$")
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,254}$")
+# Matched with fullmatch: `$` alone would let a trailing newline through.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/ ]{0,255}")
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,254}")
 
 
 class RegisterRequest(_Schema):
@@ -173,7 +174,7 @@ class RegisterRequest(_Schema):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        if not _MODEL_NAME.match(name):
+        if not _MODEL_NAME.fullmatch(name):
             raise ValueError(
                 "a model name starts with a letter or digit and holds letters, digits, "
                 "`_`, `-`, `.`, `/` or spaces (at most 256 characters)"
@@ -184,7 +185,7 @@ class RegisterRequest(_Schema):
     @classmethod
     def _valid_aliases(cls, aliases: list[str]) -> list[str]:
         for alias in aliases:
-            if not _ALIAS.match(alias) or alias == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            if not _ALIAS.fullmatch(alias) or alias == "latest" or re.fullmatch(r"[vV]\d+", alias):
                 raise ValueError(
                     f"alias {alias!r}: an alias starts with a letter or `_`, holds letters, "
                     "digits, `_` or `-`, and is neither `latest` nor a version like `v3`"

@@ -242,7 +242,7 @@ def _check_param_value(param: str, value: float) -> None:
 class PGDSpec(_Spec):
     """Empirical robust accuracy by an L2 PGD attack on a sample of the test split."""
 
-    eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(default=[0.25, 0.5])
+    eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(default=[0.25, 0.5], min_length=1)
     steps: int = Field(default=20, ge=1, le=1000)
     n_samples: int = Field(default=256, ge=1, le=100_000)
 
@@ -256,7 +256,9 @@ class TrialSpec(_Spec):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     loss: LossSpec
     eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
-        default=list(DEFAULT_REPORT_EPS), description="Certified accuracy is reported at these."
+        default=list(DEFAULT_REPORT_EPS),
+        min_length=1,
+        description="Certified accuracy is reported at these.",
     )
     pgd: PGDSpec | None = None
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
@@ -440,7 +442,9 @@ class StudySpec(_Spec):
     )
     requirements: list[Requirement] = Field(default_factory=list, max_length=8)
     eps: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
-        default=list(DEFAULT_REPORT_EPS), description="Certified accuracy is logged at these too."
+        default=list(DEFAULT_REPORT_EPS),
+        min_length=1,
+        description="Certified accuracy is logged at these too.",
     )
     pgd: PGDSpec | None = None
     n_trials: int = Field(default=20, ge=1, le=100_000)

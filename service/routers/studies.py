@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import results
+from service.admission import check_study
 from service.cache import StudyCache, StudySnapshot, UnknownStudy
 from service.db import StudyRow
 from service.dependencies import (
@@ -139,30 +140,6 @@ def pareto_view(snapshot: StudySnapshot, eps: float | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writes
 
 
-def _spec_limits(spec: StudySpec, resources: Resources) -> None:
-    settings = resources.settings
-    errors = []
-    if spec.n_trials > settings.max_trials:
-        errors.append(
-            field_error(
-                "body.n_trials",
-                f"{spec.n_trials} trials exceed this server's limit of {settings.max_trials}",
-                "limit",
-            )
-        )
-    if spec.training.epochs > settings.max_epochs:
-        errors.append(
-            field_error(
-                "body.training.epochs",
-                f"{spec.training.epochs} epochs exceed this server's limit of "
-                f"{settings.max_epochs}",
-                "limit",
-            )
-        )
-    if errors:
-        raise invalid_input(errors)
-
-
 def _replay(row: StudyRow, request_hash: str, cache: StudyCache) -> InfJSONResponse:
     if row.request_hash != request_hash:
         raise Problem(
@@ -201,7 +178,7 @@ def submit_study(
     db: Session = Depends(get_db),
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
-    _spec_limits(spec, resources)
+    check_study(spec, resources.settings)
     spec_json = spec.model_dump_json()
     request_hash = hashlib.sha256(spec_json.encode()).hexdigest()
     if idempotency_key is not None:
