@@ -355,6 +355,9 @@ def test_gpu_worker_reserves_one_gpu_by_its_number(services: dict[str, Any]) -> 
     assert gpu_3["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["3"]
     assert worker["deploy"]["replicas"] == 1
     assert parse_liptune(worker["command"]).device == "cuda:0"  # the one GPU it sees
+    assert parse_liptune(worker["command"]).trials_per_device == 1
+    shared = load_compose({**SAMPLE_ENV, "WORKER_TRIALS_PER_GPU": "4"})["services"]["worker"]
+    assert parse_liptune(shared["command"]).trials_per_device == 4
     assert "profiles" not in worker
 
 

@@ -47,6 +47,7 @@ import optuna
 
 from worker import claims
 from worker.claims import Claim
+from worker.devices import study_memory_bytes
 from worker.pruning import MOASHA
 from worker.record import TrialRecord
 from worker.samplers import build_sampler, worker_seed
@@ -109,6 +110,9 @@ class WorkerOptions:
     exit_when_idle: bool = False
     idle_poll_min_s: float = 0.5
     idle_poll_max_s: float = 10.0
+    #: Device memory one trial may plan to use (bytes); a study whose trials are estimated
+    #: (:func:`worker.devices.study_memory_bytes`) above it is left to other workers.
+    memory_budget: int | None = None
 
 
 class Heartbeat:
@@ -162,6 +166,7 @@ class Worker:
         self._reaped_at: dict[str, float] = {}
         # study name -> {trial id: when first seen RUNNING without a live claim (monotonic)}
         self._orphans_seen: dict[str, dict[int, float]] = {}
+        self._too_large: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ loop
 
@@ -211,6 +216,8 @@ class Worker:
                     f"({failure_budget(spec)}); see the trials' liptune.failure_reason",
                 )
                 continue
+            if self._too_large_for_device(name, spec):
+                continue
             claim = self.store.claim(name, n_trials=spec.n_trials, worker_id=self.options.worker_id)
             if claim is None:
                 if counts.complete >= spec.n_trials:
@@ -220,6 +227,25 @@ class Worker:
             self.trials_run += 1
             return True
         return False
+
+    def _too_large_for_device(self, study_name: str, spec: StudySpec) -> bool:
+        """Whether the study's trials would exceed :attr:`WorkerOptions.memory_budget`
+        (estimated once per study, logged the first time)."""
+        budget = self.options.memory_budget
+        if budget is None:
+            return False
+        if study_name not in self._too_large:
+            estimate = study_memory_bytes(spec)
+            self._too_large[study_name] = estimate > budget
+            if estimate > budget:
+                logger.warning(
+                    "%s: a trial needs about %.0f MiB of device memory, more than this "
+                    "worker's %.0f MiB per trial: left to other workers",
+                    study_name,
+                    estimate / 2**20,
+                    budget / 2**20,
+                )
+        return self._too_large[study_name]
 
     # ------------------------------------------------------------------ one trial
 

@@ -9,12 +9,20 @@ that reaches the storage and the MLflow tracking server::
 Without options it uses the embedded default under the data directory (``--data-dir``,
 ``$LIPTUNE_HOME`` or ``~/.liptune``). SIGTERM or Ctrl-C stops the current trial at its next
 epoch boundary (it is failed and re-enqueued) and exits.
+
+``--trials-per-device N`` runs N trials on the device at once, as N worker processes (ids
+``ID-0`` .. ``ID-{N-1}``, the CPU cores shared among them): each gets an even share of the
+device's memory (:func:`worker.devices.trial_budget_bytes`) and never claims a trial of a study
+estimated above it (``--memory-budget`` sets the share by hand)::
+
+    liptune worker --device cuda:0 --trials-per-device 4
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +101,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="exit as soon as no running study has a free trial slot",
     )
+    parser.add_argument(
+        "--trials-per-device",
+        type=_positive_int,
+        metavar="N",
+        default=1,
+        help="trials run at once on the device, one process each (default: 1)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=_positive_int,
+        metavar="MIB",
+        help="device memory one trial may plan to use; studies estimated above it are left to "
+        "other workers (default with --trials-per-device N > 1: the device's share)",
+    )
     parser.add_argument("--id", metavar="NAME", help="worker id (default: HOSTNAME-PID)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
 
@@ -124,6 +146,20 @@ def run(args: argparse.Namespace) -> int:
         tracking = TrackingConfig(args.mlflow, default_artifact_root(home))
     else:
         tracking = TrackingConfig(args.mlflow)
+    budget = args.memory_budget * 2**20 if args.memory_budget else None
+    if args.trials_per_device > 1:
+        from worker.devices import run_processes, trial_budget_bytes
+        from worker.training import resolve_device
+
+        try:
+            device = resolve_device(args.device)
+            budget = budget or trial_budget_bytes(device, args.trials_per_device)
+        except ValueError as error:
+            print(f"liptune worker: error: {error}", file=sys.stderr)
+            return 2
+        return run_processes(
+            _device_workers(args, str(device), budget // 2**20, args.id or default_worker_id())
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     options = WorkerOptions(
@@ -137,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         worker_id=args.id or default_worker_id(),
         max_trials=args.max_trials,
         exit_when_idle=args.once,
+        memory_budget=budget,
     )
     if options.grace_period <= options.heartbeat_interval:
         print(
@@ -151,6 +188,32 @@ def run(args: argparse.Namespace) -> int:
     upgrade(options.storage_url)
     run_worker(options)
     return 0
+
+
+def _device_workers(
+    args: argparse.Namespace, device: str, budget_mib: int, worker_id: str
+) -> list[list[str]]:
+    """The command lines of the ``--trials-per-device`` worker processes of one device."""
+    count = args.trials_per_device
+    threads = args.threads or max(1, (os.cpu_count() or 1) // count)
+    common = [sys.executable, "-m", "service.cli", "worker", "--device", device]
+    common += ["--threads", str(threads), "--memory-budget", str(budget_mib)]
+    common += ["--log-level", args.log_level]
+    for flag, value in (
+        ("--storage", args.storage),
+        ("--mlflow", args.mlflow),
+        ("--data-dir", args.data_dir),
+        ("--heartbeat-interval", args.heartbeat_interval),
+        ("--grace-period", args.grace_period),
+        ("--max-trials", args.max_trials),
+    ):
+        if value is not None:
+            common += [flag, str(value)]
+    for root in args.data_root or []:
+        common += ["--data-root", str(root)]
+    if args.once:
+        common.append("--once")
+    return [[*common, "--id", f"{worker_id}-{index}"] for index in range(count)]
 
 
 def _is_local_store(tracking_uri: str) -> bool:

@@ -20,7 +20,8 @@ class DatasetInfo:
     ``kind`` is ``"bundled"`` (shipped with a Python package), ``"synthetic"`` (generated) or
     ``"files"`` (read from a directory under a data root: ``dir_names`` are looked for under each
     root when the spec gives no ``path``). ``install_hint`` says how to make a missing one
-    available.
+    available. ``train_examples`` is the size of the training pool (train + validation) before
+    any subsampling, for memory estimates (synthetic sets: ``n_samples`` decides).
     """
 
     name: str
@@ -33,6 +34,7 @@ class DatasetInfo:
     file_format: Literal["idx", "cifar"] | None = None
     dir_names: tuple[str, ...] = ()
     install_hint: str = ""
+    train_examples: int = 0
 
     def locate(self, data_roots: Sequence[Path], path: str | None = None) -> dict[str, Path]:
         """The data set's files (role -> resolved path), all inside ``data_roots``.
@@ -83,6 +85,7 @@ DATASETS: dict[str, DatasetInfo] = {
             num_classes=10,
             class_names=_DIGIT_NAMES,
             kind="bundled",
+            train_examples=1797 - round(0.2 * 1797),
         ),
         DatasetInfo(
             name="fashion-mnist",
@@ -106,6 +109,7 @@ DATASETS: dict[str, DatasetInfo] = {
             kind="files",
             file_format="idx",
             dir_names=("fashion-mnist", "fashion_mnist", "FashionMNIST"),
+            train_examples=60_000,
             install_hint="Install Debian's package `dataset-fashion-mnist` (it puts the IDX files "
             "in /usr/share/datasets/fashion-mnist), or put the four IDX files "
             f"({_IDX_NAMES}) in a directory `fashion-mnist` under a data root, or name their "
@@ -122,6 +126,7 @@ DATASETS: dict[str, DatasetInfo] = {
             kind="files",
             file_format="idx",
             dir_names=("mnist", "MNIST"),
+            train_examples=60_000,
             install_hint=f"Put MNIST's four IDX files ({_IDX_NAMES}) in a directory `mnist` "
             "under a data root (e.g. LIPTUNE_HOME/datasets/mnist), or name their directory "
             "with `dataset.path` (add its parent with --data-root).",
@@ -148,6 +153,7 @@ DATASETS: dict[str, DatasetInfo] = {
             kind="files",
             file_format="cifar",
             dir_names=("cifar-10-batches-py", "cifar10"),
+            train_examples=50_000,
             install_hint="Unpack cifar-10-python.tar.gz (data_batch_1..5, test_batch) into a "
             "directory `cifar-10-batches-py` under a data root (e.g. "
             "LIPTUNE_HOME/datasets/cifar-10-batches-py), or name it with `dataset.path` (add its "
