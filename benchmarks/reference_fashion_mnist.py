@@ -176,6 +176,8 @@ def main() -> None:
         with torch.no_grad():
             model = result.model.float()
         torch.manual_seed(0)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         figures["attack"] = tightness(model, test.x[: args.tightness], test.y[: args.tightness])
         print("certificate tightness (bisection over L2 PGD radii):", figures["attack"])
     if args.json:
