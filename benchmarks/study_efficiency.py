@@ -1,0 +1,652 @@
+"""Study efficiency: how many training epochs a study needs before its front is good.
+
+Two steps, as tabular HPO benchmarks do (Syne Tune's blackbox repository and simulator backend):
+
+``build``
+    trains a dense set of configurations of a task ONCE with liptune's own training loop and
+    stores every epoch's validation and test metrics (accuracy, certified accuracy at several
+    eps, mean certified radius, the test split's radii summary) as JSON lines under
+    ``benchmarks/data/``. Resumable: configurations already in the file are skipped.
+``replay``
+    runs every method (the grid of the guidelines' ladders, random, TPE, auto, auto + mo-asha,
+    guided with and without pruning, Syne Tune's MOASHA) against that table for many seeds, with
+    the same epoch budget, and reports hypervolume of (test accuracy, test certified accuracy at
+    the study's eps) against cumulative epochs (PNG + a markdown table).
+
+Tasks: ``digits`` (the README's MLP 64-64, 10 epochs per trial, eps 0.3) and ``fashion``
+(Fashion-MNIST, the reference convnet, 9 epochs per trial, a fixed 10,000-image training subset,
+the full test set, eps 0.5).
+
+    nice -n 10 .venv/bin/python benchmarks/study_efficiency.py build --task digits
+    .venv/bin/python benchmarks/study_efficiency.py replay --task digits --seeds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from worker.datasets import load_dataset
+from worker.evaluation import accuracy_metrics, predict
+from worker.losses import build_loss
+from worker.models import build_model
+from worker.paths import default_data_roots, liptune_home
+from worker.pruning import MOASHA
+from worker.samplers import build_sampler
+from worker.search_space import suggest_params
+from worker.spec import StudySpec
+from worker.training import resolve_device, train
+
+DATA = Path(__file__).parent / "data"
+REPORT_EPS = (0.1, 0.3, 0.5, 1.0)
+
+#: The guidelines' one-dimensional trade-off curves (inputs in [0, 1]: margins 0.01 to 5).
+TEMPERATURES = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+MARGINS = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+ALPHAS = (1.0, 10.0, 100.0, 1000.0, math.inf)
+MIDDLE_MARGIN = 0.5
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    study: dict[str, Any]
+    alphas: tuple[float, ...] = ALPHAS
+    margins: tuple[float, ...] = MARGINS
+    #: The table's file name when it is another task's (a sub-space of its configurations).
+    table: str | None = None
+
+    @property
+    def spec(self) -> StudySpec:
+        return StudySpec.model_validate(self.study)
+
+    @property
+    def epochs(self) -> int:
+        return self.spec.training.epochs
+
+    @property
+    def eps(self) -> float:
+        return self.spec.objectives[1].eps
+
+    @property
+    def table_path(self) -> Path:
+        return DATA / f"{self.table or self.name}.jsonl"
+
+
+def search_space(alphas: tuple[float, ...], margins: tuple[float, ...] = MARGINS) -> dict[str, Any]:
+    """tau_ce's temperatures and, when ``alphas`` is not empty, HKR's margins x alphas."""
+    if not alphas:
+        return {"loss": ["tau_ce"], "temperature": list(TEMPERATURES)}
+    return {
+        "loss": ["hkr", "tau_ce"],
+        "margin": list(margins),
+        "alpha_kr": list(alphas),
+        "temperature": list(TEMPERATURES),
+    }
+
+
+#: Fashion-MNIST's table: the temperature ladder and three hinge-only HKR margins. On the shared
+#: 2-core machine (load average 3-10 while six engineers worked) one configuration (9 epochs,
+#: validation and the 10,000 test images scored every epoch) took 1.5 to 7 minutes.
+FASHION_ALPHAS = (math.inf,)
+FASHION_MARGINS = (0.5, 2.0, 0.05)
+FASHION_MODEL = {
+    "name": "convnet",
+    "channels": [16, 32],
+    "convs_per_stage": 1,
+    "kernel_size": 3,
+    "pooling": "l2",
+    "dense_widths": [64],
+}
+
+
+def _fashion(alphas: tuple[float, ...]) -> dict[str, Any]:
+    margins = sorted(FASHION_MARGINS)
+    return {
+        "name": "efficiency-fashion",
+        "dataset": {"name": "fashion-mnist", "n_samples": 10_000},
+        "model": FASHION_MODEL,
+        "training": {"epochs": 9, "batch_size": 128, "lr": 0.001, "device": "cpu"},
+        "search_space": search_space(alphas, tuple(margins)),
+        "objectives": [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.5}],
+        "eps": list(REPORT_EPS),
+    }
+
+
+TASKS = {
+    "digits": Task(
+        "digits",
+        {
+            "name": "efficiency-digits",
+            "dataset": {"name": "digits"},
+            "model": {"name": "mlp", "widths": [64, 64]},
+            "training": {"epochs": 10, "batch_size": 128, "lr": 0.005, "device": "cpu"},
+            "search_space": search_space(ALPHAS),
+            "objectives": [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.3}],
+            "eps": list(REPORT_EPS),
+        },
+    ),
+    "fashion": Task("fashion", _fashion(FASHION_ALPHAS), FASHION_ALPHAS, FASHION_MARGINS),
+    # the temperature ladder alone (the first 8 configurations of the fashion table)
+    "fashion-tau": Task("fashion-tau", _fashion(()), (), (), table="fashion"),
+}
+
+
+def dense_configs(task: Task) -> list[dict[str, Any]]:
+    """Every configuration of the discretised space: each temperature, each (margin, alpha)."""
+    configs: list[dict[str, Any]] = [{"loss": "tau_ce", "temperature": t} for t in TEMPERATURES]
+    configs += [
+        {"loss": "hkr", "margin": m, "alpha_kr": a}
+        for a in reversed(task.alphas)
+        for m in task.margins
+    ]
+    return configs
+
+
+def grid_configs(task: Task) -> list[dict[str, Any]]:
+    """The manual loop of the guidelines: the temperature ladder, the margin ladder at
+    alpha_kr = inf (hinge only), the alpha_kr ladder at the middle margin."""
+    configs: list[dict[str, Any]] = [{"loss": "tau_ce", "temperature": t} for t in TEMPERATURES]
+    if not task.alphas:
+        return configs
+    configs += [{"loss": "hkr", "margin": m, "alpha_kr": math.inf} for m in task.margins]
+    configs += [
+        {"loss": "hkr", "margin": MIDDLE_MARGIN, "alpha_kr": a}
+        for a in task.alphas
+        if math.isfinite(a)
+    ]
+    return configs
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A canonical name of a configuration, e.g. ``hkr|alpha_kr=inf|margin=0.5``."""
+    parts = [f"{name}={config[name]:g}" for name in sorted(config) if name != "loss"]
+    return "|".join([config["loss"], *parts])
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _epoch_row(model, splits, mode: str, record: dict) -> dict[str, Any]:
+    val = predict(model, splits.val.x, splits.val.y, mode)
+    test = predict(model, splits.test.x, splits.test.y, mode)
+    row = {"epoch": int(record["epoch"]), "seconds": record["seconds"]}
+    row["train_loss"] = record["train_loss"]
+    for prefix, predictions in (("val_", val), ("test_", test)):
+        row.update(accuracy_metrics(predictions, REPORT_EPS, prefix=prefix))
+        correct = predictions.correct
+        radius = predictions.radii[correct].double().mean().item() if correct.any() else 0.0
+        row[f"{prefix}mean_certified_radius"] = radius
+    row["test_radii"] = test.summary().encode()
+    return row
+
+
+def build(task: Task, threads: int) -> None:
+    """Train every configuration of :func:`dense_configs` once, appending to the table."""
+    torch.set_num_threads(threads)
+    task.table_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {row["key"] for row in read_table(task)} if task.table_path.exists() else set()
+    study = task.spec
+    started = time.perf_counter()
+    for config in dense_configs(task):
+        key = config_key(config)
+        if key in done:
+            continue
+        spec = study.trial_spec(config, seed=study.seed)
+        splits = load_dataset(
+            spec.dataset, data_roots=default_data_roots(liptune_home()), seed=spec.seed
+        )
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model, splits.input_shape, splits.num_classes)
+        device = resolve_device(spec.training.device)
+        model.to(device)
+        loss_fn = build_loss(spec.loss, splits.task)
+        rows: list[dict[str, Any]] = []
+        tick = time.perf_counter()
+
+        def on_epoch(record: dict, model=model, splits=splits, rows=rows) -> None:
+            rows.append(_epoch_row(model, splits, model.certificate_mode, record))
+
+        run = train(
+            model,
+            loss_fn,
+            splits,
+            spec.training,
+            eps=spec.eps,
+            mode=model.certificate_mode,
+            device=device,
+            seed=spec.seed,
+            on_epoch=on_epoch,
+        )
+        entry = {
+            "key": key,
+            "config": config,
+            "failure_reason": run.failure_reason,
+            "wall_seconds": time.perf_counter() - tick,
+            "epochs": rows,
+        }
+        with task.table_path.open("a") as file:
+            file.write(json.dumps(entry) + "\n")
+        last = rows[-1] if rows else {}
+        print(
+            f"{key:40s} {entry['wall_seconds']:7.1f} s  "
+            f"acc {last.get('test_accuracy', float('nan')):.3f}  "
+            f"cert@{task.eps:g} {last.get(f'test_certified_accuracy_eps_{task.eps:g}', 0):.3f}",
+            flush=True,
+        )
+    print(f"built {task.table_path} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def read_table(task: Task) -> list[dict[str, Any]]:
+    with task.table_path.open() as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+# --------------------------------------------------------------------------- replay
+
+#: Hypervolume reference point of (accuracy, certified accuracy): chance accuracy on ten
+#: classes, no certificate; common to every method and seed of a task.
+REFERENCE_POINT = (0.1, 0.0)
+GRID_METHOD = "grid"
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by ``points`` (both coordinates maximised) above :data:`REFERENCE_POINT`."""
+    rx, ry = REFERENCE_POINT
+    kept = sorted({(x, y) for x, y in points if x > rx and y > ry}, reverse=True)
+    area, best_y = 0.0, ry
+    for x, y in kept:  # decreasing accuracy: each point adds the strip above the best so far
+        if y > best_y:
+            area += (x - rx) * (y - best_y)
+            best_y = y
+    return area
+
+
+@dataclass
+class Trace:
+    """One replayed study: the hypervolume after each trial, against cumulative epochs."""
+
+    epochs: list[int] = field(default_factory=list)
+    hypervolume: list[float] = field(default_factory=list)
+    trials: int = 0
+    pruned: int = 0
+
+    def at(self, epoch: int) -> float:
+        """The hypervolume once ``epoch`` epochs were spent."""
+        index = np.searchsorted(self.epochs, epoch, side="right") - 1
+        return self.hypervolume[index] if index >= 0 else 0.0
+
+    def epochs_to(self, target: float) -> int | None:
+        pairs = zip(self.epochs, self.hypervolume, strict=True)
+        return next((e for e, h in pairs if h >= target), None)
+
+
+class Replay:
+    """A task's table as the trial function of a replayed study."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.spec = task.spec
+        wanted = {config_key(config) for config in dense_configs(task)}
+        self.entries = {row["key"]: row for row in read_table(task) if row["key"] in wanted}
+        missing = sorted(wanted - set(self.entries))
+        if missing:
+            raise SystemExit(f"{task.table_path} lacks {missing}: run `build --task {task.name}`")
+        eps = f"{task.eps:g}"
+        self.test_keys = ("test_accuracy", f"test_certified_accuracy_eps_{eps}")
+
+    def epochs_of(self, config: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.entries[config_key(config)]["epochs"]
+
+    def final(self, rows: list[dict[str, Any]]) -> tuple[float, float]:
+        return tuple(float(rows[-1][k]) for k in self.test_keys)  # type: ignore[return-value]
+
+    def run(
+        self,
+        next_config: Callable[[], tuple[dict[str, Any], Any]] | None,
+        budget: int,
+        *,
+        pruner: MOASHA | None = None,
+        report: Callable[[Any, str, list[dict[str, Any]]], None] | None = None,
+        configs: list[dict[str, Any]] | None = None,
+    ) -> Trace:
+        """Run trials until ``budget`` epochs are spent: ``next_config()`` gives a trial's
+        configuration and a handle, ``report(handle, state, rows)`` tells the outcome
+        (``"complete"``, ``"pruned"``, ``"fail"``); ``configs`` replaces ``next_config`` with a
+        fixed list (the grid). A trial that ``pruner`` stops at a rung ends there; its epochs
+        count."""
+        trace, spent, front = Trace(), 0, []
+        history: list[tuple[int, list[dict[str, Any]]]] = []
+        number = 0
+        while spent < budget:
+            if configs is not None:
+                if number >= len(configs):
+                    break
+                config, handle = configs[number], None
+            else:
+                config, handle = next_config()
+            rows = self.epochs_of(config)
+            done: list[dict[str, Any]] = []
+            state = "complete"
+            for row in rows:
+                if spent >= budget:
+                    state = "cut"
+                    break
+                done.append(row)
+                spent += 1
+                if pruner is not None and pruner.decide(number, done, history):
+                    state = "pruned"
+                    break
+            if state == "complete" and len(rows) < self.task.epochs:
+                state = "fail"  # the loss diverged in the dense run
+            history.append((number, done))
+            number += 1
+            trace.trials += 1
+            if state == "complete":
+                front.append(self.final(rows))
+            trace.pruned += state == "pruned"
+            if report is not None and state != "cut":
+                report(handle, state, done)
+            trace.epochs.append(spent)
+            trace.hypervolume.append(hypervolume(front))
+        return trace
+
+
+def optuna_method(sampler: str, pruner: bool) -> Callable[[Replay, int, int], Trace]:
+    """A liptune study: the real sampler and pruner of the spec, over the table."""
+
+    def method(replay: Replay, seed: int, budget: int) -> Trace:
+        update: dict[str, Any] = {"sampler": sampler, "seed": seed}
+        if pruner:
+            update["pruner"] = {"name": "mo-asha", "min_epochs": 1, "reduction_factor": 3}
+        spec = StudySpec.model_validate({**replay.task.study, **update})
+        study = optuna.create_study(
+            directions=[o.direction for o in spec.objectives], sampler=build_sampler(spec, seed)
+        )
+        space = spec.search_space
+
+        def next_config() -> tuple[dict[str, Any], Any]:
+            trial = study.ask()
+            return suggest_params(trial, space), trial
+
+        def report(trial: Any, state: str, rows: list[dict[str, Any]]) -> None:
+            if state == "complete":
+                study.tell(trial, list(replay.final(rows)))
+            else:
+                study.tell(trial, state=getattr(optuna.trial.TrialState, state.upper()))
+
+        return replay.run(
+            next_config, budget, pruner=MOASHA(spec) if pruner else None, report=report
+        )
+
+    return method
+
+
+def grid_method(replay: Replay, seed: int, budget: int) -> Trace:
+    """The guideline ladders, each setting trained in full, in a seeded order."""
+    configs = grid_configs(replay.task)
+    order = np.random.default_rng(seed).permutation(len(configs))
+    return replay.run(None, budget, configs=[configs[i] for i in order])
+
+
+def syne_tune_moasha(fixed_ranks: bool) -> Callable[[Replay, int, int], Trace]:
+    """Syne Tune's MOASHA scheduler (random configurations, its own stopping rule at rungs
+    1, 3, 9, ...) deciding on the same validation metrics of the table.
+
+    Syne Tune 0.16's ``NonDominatedPriority`` returns ``nondominated_sort``'s ORDER (indices,
+    best first) where ASHA's ``Bracket.on_result`` expects one priority PER TRIAL, so the rank
+    it computes for the new trial is the position of whichever trial sorts last: nearly every
+    trial stops at its first rung. ``fixed_ranks`` turns the order into per-trial ranks
+    (the scheduler as its paper describes it); both are reported."""
+
+    def method(replay: Replay, seed: int, budget: int) -> Trace:
+        return _syne_tune_moasha(replay, seed, budget, fixed_ranks)
+
+    return method
+
+
+def _syne_tune_moasha(replay: Replay, seed: int, budget: int, fixed_ranks: bool) -> Trace:
+    try:
+        from syne_tune.backend.trial_status import Trial
+        from syne_tune.config_space import choice
+        from syne_tune.optimizer.scheduler import SchedulerDecision
+        from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA as SyneMOASHA
+        from syne_tune.optimizer.schedulers.multiobjective.multiobjective_priority import (
+            NonDominatedPriority,
+        )
+    except ImportError as error:
+        raise SystemExit(
+            "Syne Tune is not installed: `pip install syne-tune` (the `bench` extra)"
+        ) from error
+    from datetime import datetime
+
+    class RankedPriority(NonDominatedPriority):
+        def priority_unsafe(self, objectives: np.ndarray) -> np.ndarray:
+            order = super().priority_unsafe(objectives)
+            ranks = np.empty(len(order))
+            ranks[order] = np.arange(len(order))
+            return ranks
+
+    np.random.seed(seed)
+    eps = f"{replay.task.eps:g}"
+    metrics = ["val_accuracy", f"val_certified_accuracy_eps_{eps}"]
+    space = {"loss": choice(["tau_ce"]), "temperature": choice(list(TEMPERATURES))}
+    if replay.task.alphas:
+        space["loss"] = choice(["hkr", "tau_ce"])
+        space["margin"] = choice(list(replay.task.margins))
+        space["alpha_kr"] = choice(list(replay.task.alphas))
+    scheduler = SyneMOASHA(
+        space,
+        metrics=metrics,
+        do_minimize=False,
+        time_attr="epoch",
+        max_t=replay.task.epochs,
+        grace_period=1,
+        reduction_factor=3,
+        random_seed=seed,
+        multiobjective_priority=RankedPriority() if fixed_ranks else None,
+    )
+    trace, spent, front, number = Trace(), 0, [], 0
+    while spent < budget:
+        sampled = scheduler.suggest().config
+        config = (
+            {"loss": "tau_ce", "temperature": sampled["temperature"]}
+            if sampled["loss"] == "tau_ce"
+            else {"loss": "hkr", "margin": sampled["margin"], "alpha_kr": sampled["alpha_kr"]}
+        )
+        trial = Trial(trial_id=number, config=sampled, creation_time=datetime.now())
+        scheduler.on_trial_add(trial)
+        rows = replay.epochs_of(config)
+        state = "complete"
+        for row in rows:
+            if spent >= budget:
+                state = "cut"
+                break
+            spent += 1
+            result = {"epoch": row["epoch"], **{m: row[m] for m in metrics}}
+            if row["epoch"] == replay.task.epochs:
+                scheduler.on_trial_complete(trial, result)
+            elif scheduler.on_trial_result(trial, result) == SchedulerDecision.STOP:
+                scheduler.on_trial_remove(trial)
+                state = "pruned"
+                break
+        if state == "complete" and len(rows) < replay.task.epochs:
+            state = "fail"
+        number += 1
+        trace.trials += 1
+        trace.pruned += state == "pruned"
+        if state == "complete":
+            front.append(replay.final(rows))
+        trace.epochs.append(spent)
+        trace.hypervolume.append(hypervolume(front))
+    return trace
+
+
+METHODS: dict[str, Callable[[Replay, int, int], Trace]] = {
+    GRID_METHOD: grid_method,
+    "random": optuna_method("random", pruner=False),
+    "tpe": optuna_method("tpe", pruner=False),
+    "auto": optuna_method("auto", pruner=False),
+    "auto + mo-asha": optuna_method("auto", pruner=True),
+    "guided": optuna_method("guided", pruner=False),
+    "guided + mo-asha": optuna_method("guided", pruner=True),
+    "random + mo-asha": optuna_method("random", pruner=True),
+    "syne-tune MOASHA": syne_tune_moasha(fixed_ranks=False),
+    "syne-tune MOASHA, ranks fixed": syne_tune_moasha(fixed_ranks=True),
+}
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+    return float(q1), float(q2), float(q3)
+
+
+def replay(task: Task, seeds: int, budget_factor: float, methods: list[str]) -> dict[str, Any]:
+    """Every method on ``task``'s table for ``seeds`` seeds; the budget is ``budget_factor``
+    times the grid's epochs. Returns the traces' summary (also written as JSON)."""
+    table = Replay(task)
+    grid_epochs = len(grid_configs(task)) * task.epochs
+    budget = int(budget_factor * grid_epochs)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    traces: dict[str, list[Trace]] = {}
+    started = time.perf_counter()
+    for name in methods:
+        traces[name] = [METHODS[name](table, seed, budget) for seed in range(seeds)]
+        print(f"{task.name}: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    dense = [
+        table.final(row["epochs"])
+        for row in table.entries.values()
+        if len(row["epochs"]) == task.epochs
+    ]
+    best_found = max(t.hypervolume[-1] for runs in traces.values() for t in runs)
+    target = 0.95 * best_found
+    grid_runs = [t.epochs_to(target) for t in traces[GRID_METHOD]] if GRID_METHOD in traces else []
+    grid_reached = [e for e in grid_runs if e is not None]
+    grid_median = statistics.median(grid_reached) if grid_reached else grid_epochs
+    summary: dict[str, Any] = {
+        "task": task.name,
+        "seeds": seeds,
+        "budget_epochs": budget,
+        "grid_epochs": grid_epochs,
+        "reference_point": REFERENCE_POINT,
+        "dense_table_hypervolume": hypervolume(dense),
+        "best_found_hypervolume": best_found,
+        "grid_reaches_target": f"{len(grid_reached)}/{len(grid_runs)}",
+        "grid_median_epochs_to_target": grid_median,
+        "methods": {},
+    }
+    for name, runs in traces.items():
+        reached = [t.epochs_to(target) for t in runs]
+        # a seed that never reaches the target counts as the whole budget (a lower bound)
+        as_epochs = [budget if e is None else e for e in reached]
+        q1, q2, q3 = _quartiles([e / grid_median for e in as_epochs])
+        summary["methods"][name] = {
+            "reached": sum(e is not None for e in reached),
+            "median_epochs": statistics.median(as_epochs),
+            "ratio_to_grid_median": q2,
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "final_hv_median": statistics.median(t.hypervolume[-1] for t in runs),
+            "hv_at_grid_epochs_median": statistics.median(t.at(grid_epochs) for t in runs),
+            "trials_median": statistics.median(t.trials for t in runs),
+            "pruned_median": statistics.median(t.pruned for t in runs),
+        }
+    out = DATA / f"{task.name}_replay.json"
+    traces_json = {
+        name: [{"epochs": t.epochs, "hypervolume": t.hypervolume} for t in runs]
+        for name, runs in traces.items()
+    }
+    out.write_text(json.dumps({**summary, "traces": traces_json}))
+    _plot(task, traces, budget, target, summary)
+    return summary
+
+
+def _plot(
+    task: Task, traces: dict[str, list[Trace]], budget: int, target: float, summary: dict
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.arange(0, budget + 1)
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, runs in traces.items():
+        curves = np.array([[t.at(e) for e in grid] for t in runs])
+        q1, q2, q3 = np.percentile(curves, [25, 50, 75], axis=0)
+        (line,) = axis.plot(grid, q2, label=name, lw=2.2 if name == GRID_METHOD else 1.4)
+        axis.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.12)
+    axis.axhline(target, color="k", ls=":", lw=1, label="95 % of the best found")
+    axis.axvline(summary["grid_epochs"], color="grey", ls="--", lw=0.8)
+    axis.set_xlabel("cumulative training epochs")
+    axis.set_ylabel(
+        f"hypervolume (accuracy, certified accuracy @ {task.eps:g}), ref {REFERENCE_POINT}"
+    )
+    axis.set_title(f"{task.name}: median and quartiles over {summary['seeds']} seeds")
+    best = summary["best_found_hypervolume"]
+    axis.set_ylim(0.8 * best, 1.02 * best)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(Path(__file__).parent / f"study_efficiency_{task.name}.png", dpi=110)
+    plt.close(figure)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"**{summary['task']}** ({summary['seeds']} seeds, budget {summary['budget_epochs']} "
+        f"epochs, grid {summary['grid_epochs']} epochs; reference point "
+        f"{tuple(summary['reference_point'])}; best hypervolume found "
+        f"{summary['best_found_hypervolume']:.4f}, dense table's front "
+        f"{summary['dense_table_hypervolume']:.4f}; the grid reaches 95 % in "
+        f"{summary['grid_reaches_target']} seeds, median {summary['grid_median_epochs_to_target']}"
+        " epochs)",
+        "",
+        "| method | seeds reaching 95 % | epochs to 95 % (median) | ratio to grid: median "
+        "[q1, q3] | HV at the grid's epochs | final HV | trials | pruned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["methods"].items():
+        lines.append(
+            f"| {name} | {row['reached']}/{summary['seeds']} | {row['median_epochs']:.0f} | "
+            f"{row['ratio_to_grid_median']:.2f} [{row['ratio_q1']:.2f}, {row['ratio_q3']:.2f}] | "
+            f"{row['hv_at_grid_epochs_median']:.4f} | {row['final_hv_median']:.4f} | "
+            f"{row['trials_median']:.0f} | {row['pruned_median']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser("build", help="train the dense table of a task")
+    build_parser.add_argument("--task", choices=sorted(TASKS), required=True)
+    build_parser.add_argument("--threads", type=int, default=1)
+    replay_parser = commands.add_parser("replay", help="replay every method on a task's table")
+    replay_parser.add_argument("--task", choices=sorted(TASKS), required=True)
+    replay_parser.add_argument("--seeds", type=int, default=20)
+    replay_parser.add_argument(
+        "--budget", type=float, default=2.0, help="epoch budget, in multiples of the grid's"
+    )
+    replay_parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    args = parser.parse_args()
+    if args.command == "build":
+        build(TASKS[args.task], args.threads)
+    else:
+        print(markdown(replay(TASKS[args.task], args.seeds, args.budget, args.methods)))
+
+
+if __name__ == "__main__":
+    main()
