@@ -24,7 +24,7 @@ from service.config import Settings
 from service.dependencies import Resources
 from service.migrations import upgrade
 from service.routers import catalog, health, pages, studies, trials
-from service.routers.health import StudyCollector
+from service.routers.health import StudyCollector, WorkerCollector
 from service.schemas import InfJSONResponse
 from service.schemas import Problem as ProblemSchema
 from worker.storage import engine_kwargs
@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     registry = CollectorRegistry()
     registry.register(StudyCollector(resources.store))
+    registry.register(WorkerCollector(app))
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app).expose(
         app, endpoint="/metrics", include_in_schema=True, tags=["health"]
     )

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         le=256,
         description="Embedded `liptune worker` processes started with the server (0: API only).",
     )
+    heartbeat_interval: int | None = Field(
+        default=None, ge=1, description="Embedded workers' `--heartbeat-interval` (seconds)."
+    )
+    grace_period: int | None = Field(
+        default=None, ge=2, description="Embedded workers' `--grace-period` (seconds)."
+    )
     api_key_hashes: list[str] = Field(
         default_factory=list,
         description="Accepted API keys as `sha256:<hex>`; when any is set, state-changing "

@@ -5,7 +5,9 @@ the service and Optuna, SQLite + a folder for MLflow) and starts one ``liptune w
 subprocess on the same stores. ``--workers 0`` makes an API-only node (workers run elsewhere).
 Settings not given as flags come from ``LIPTUNE_*`` variables or ``--config FILE`` (see
 :mod:`service.config`). SIGTERM or Ctrl-C stops the server, then its workers (each fails and
-re-enqueues its current trial at the next epoch boundary).
+re-enqueues its current trial at the next epoch boundary). The workers are supervised
+(:class:`Supervisor`): one that dies is logged and restarted with back-off, and ``/ready`` and
+``/metrics`` report the ones running and restarting.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +80,10 @@ def worker_command(settings: Settings, index: int, threads: int) -> list[str]:
     ]
     for root in settings.resolved_data_roots():
         command += ["--data-root", str(root)]
+    if settings.heartbeat_interval is not None:
+        command += ["--heartbeat-interval", str(settings.heartbeat_interval)]
+    if settings.grace_period is not None:
+        command += ["--grace-period", str(settings.grace_period)]
     return command
 
 
@@ -85,27 +94,145 @@ def prepare_tracking_store(tracking_uri: str) -> None:
     MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
-def start_workers(settings: Settings) -> list[subprocess.Popen[bytes]]:
-    """Start ``settings.workers`` worker processes sharing the CPU cores evenly."""
-    if settings.workers == 0:
-        return []
-    prepare_tracking_store(settings.resolved_mlflow_uri())
-    threads = max(1, (os.cpu_count() or 1) // settings.workers)
-    logs = settings.resolved_home() / "logs"
-    logs.mkdir(exist_ok=True)
-    processes = []
-    for index in range(settings.workers):
-        with open(logs / f"worker-{index}.log", "ab") as log:
-            processes.append(
-                subprocess.Popen(
-                    worker_command(settings, index, threads),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                )
+@dataclass
+class WorkerSlot:
+    """One embedded worker: its process, and what the supervisor knows about it."""
+
+    index: int
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = 0.0
+    restart_at: float | None = None
+    last_exit: str | None = None
+
+    @property
+    def state(self) -> str:
+        """``running``, or ``restarting`` while it waits out its back-off."""
+        return "restarting" if self.restart_at is not None else "running"
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with status 1`` or ``killed by SIGKILL``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Supervisor:
+    """Starts the embedded workers and keeps them running.
+
+    A thread polls them every :attr:`poll_s`; a worker that exits is logged with why (its exit
+    status or signal) and started again after a back-off that doubles from :attr:`BACKOFF_MIN_S`
+    up to :attr:`BACKOFF_MAX_S`, and starts over once a worker has run :attr:`STABLE_S`.
+    :meth:`report` is what ``/ready`` and ``/metrics`` show. A killed worker's trial is failed
+    by the next worker that sees its claim go stale, and its parameters retried.
+    """
+
+    BACKOFF_MIN_S = 1.0
+    BACKOFF_MAX_S = 60.0
+    STABLE_S = 60.0
+
+    def __init__(self, slots: list[WorkerSlot], poll_s: float = 0.5) -> None:
+        self.slots = slots
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread.start()
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        with open(slot.log_path, "ab") as log:
+            slot.process = subprocess.Popen(
+                slot.command, stdout=log, stderr=subprocess.STDOUT, env=slot.env
             )
-    logger.info("started %d worker(s); logs in %s", len(processes), logs)
-    return processes
+        slot.started_at = time.monotonic()
+        slot.restart_at = None
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.poll_s):
+            with self._lock:
+                for slot in self.slots:
+                    self._check(slot, time.monotonic())
+
+    def _check(self, slot: WorkerSlot, now: float) -> None:
+        if slot.restart_at is not None:
+            if now >= slot.restart_at and not self._stopping.is_set():
+                self._spawn(slot)
+                slot.restarts += 1
+                logger.info("worker %d restarted (restart %d)", slot.index, slot.restarts)
+            return
+        assert slot.process is not None
+        returncode = slot.process.poll()
+        if returncode is None:
+            return
+        if now - slot.started_at >= self.STABLE_S:
+            slot.backoff_s = 0.0
+        slot.backoff_s = min(self.BACKOFF_MAX_S, max(self.BACKOFF_MIN_S, 2 * slot.backoff_s))
+        slot.last_exit = describe_exit(returncode)
+        slot.restart_at = now + slot.backoff_s
+        logger.error(
+            "worker %d (pid %d) %s; restarting in %.0f s (log: %s)",
+            slot.index,
+            slot.process.pid,
+            slot.last_exit,
+            slot.backoff_s,
+            slot.log_path,
+        )
+
+    def report(self) -> dict[str, object]:
+        """Counts by state and each worker's restarts and last exit."""
+        with self._lock:
+            workers = [
+                {
+                    "index": slot.index,
+                    "state": slot.state,
+                    "restarts": slot.restarts,
+                    "last_exit": slot.last_exit,
+                }
+                for slot in self.slots
+            ]
+        running = sum(worker["state"] == "running" for worker in workers)
+        return {"running": running, "restarting": len(workers) - running, "workers": workers}
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait for them to leave, kill the ones that do not."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        stop_workers([slot.process for slot in self.slots if slot.process is not None])
+
+
+def start_workers(settings: Settings) -> Supervisor:
+    """Start ``settings.workers`` supervised worker processes sharing the CPU cores evenly."""
+    slots = []
+    if settings.workers:
+        prepare_tracking_store(settings.resolved_mlflow_uri())
+        threads = max(1, (os.cpu_count() or 1) // settings.workers)
+        logs = settings.resolved_home() / "logs"
+        logs.mkdir(exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        slots = [
+            WorkerSlot(
+                index, worker_command(settings, index, threads), env, logs / f"worker-{index}.log"
+            )
+            for index in range(settings.workers)
+        ]
+    supervisor = Supervisor(slots)
+    supervisor.start()
+    if slots:
+        logger.info("started %d worker(s); logs in %s", len(slots), slots[0].log_path.parent)
+    return supervisor
 
 
 def stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
@@ -146,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     app = create_app(settings)  # migrates the stores before any worker opens them
-    processes = start_workers(settings)
+    supervisor = start_workers(settings)
+    app.state.supervisor = supervisor
     # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down; with this handler
     # that ends in an exception, so the workers are stopped below instead of orphaned.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -162,5 +290,5 @@ def run(args: argparse.Namespace) -> int:
         )
         server.run()
     finally:
-        stop_workers(processes)
+        supervisor.stop()
     return 0

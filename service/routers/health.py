@@ -1,4 +1,5 @@
-"""``/health`` (the process answers), ``/ready`` (database and MLflow reachable), ``/metrics``.
+"""``/health`` (the process answers), ``/ready`` (database and MLflow reachable within a few
+seconds, embedded workers running), ``/metrics``.
 
 ``/metrics`` is Prometheus' text format: request counts and latencies from
 prometheus-fastapi-instrumentator, and liptune's gauges, computed at each scrape by
@@ -8,12 +9,14 @@ start in running studies) and the age of each running trial's last heartbeat.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Depends
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request
 from mlflow import MlflowClient
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 
@@ -25,6 +28,7 @@ from worker.store import StudyStore
 from worker.studies import RUNNING, STATUSES, load_spec, study_status
 
 router = APIRouter(tags=["health"])
+logger = logging.getLogger("liptune.service")
 
 
 @router.get("/health", response_model=Health, summary="Liveness: the process answers")
@@ -32,25 +36,84 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+#: Seconds /ready waits for each store.
+READY_TIMEOUT_S = 3.0
+
+
+def _mlflow_answers(tracking_uri: str) -> None:
+    """Raise unless MLflow answers within :data:`READY_TIMEOUT_S` (a server's ``/health``;
+    a local store by listing one experiment)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        response = httpx.get(tracking_uri.rstrip("/") + "/health", timeout=READY_TIMEOUT_S)
+        response.raise_for_status()
+    else:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
 @router.get(
     "/ready",
-    summary="Readiness: the database and MLflow answer",
-    responses={503: {"description": "A store is unreachable (the problem says which)."}},
+    summary="Readiness: the database and MLflow answer, the embedded workers run",
+    responses={503: {"description": "A store is unreachable or no worker runs (says which)."}},
 )
-def ready(resources: Resources = Depends(get_resources)) -> dict[str, object]:
-    checks = {}
+def ready(request: Request, resources: Resources = Depends(get_resources)) -> dict[str, object]:
+    checks: dict[str, object] = {}
+    retry = {"Retry-After": "5"}
     try:
         with resources.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as error:
-        raise Problem(503, "not-ready", f"the database is unreachable: {error}") from None
-    try:
-        MlflowClient(resources.tracking_uri).search_experiments(max_results=1)
-        checks["mlflow"] = "ok"
-    except Exception as error:
-        raise Problem(503, "not-ready", f"MLflow is unreachable: {error}") from None
+        logger.warning("/ready: the database is unreachable: %s", error)
+        raise Problem(
+            503, "not-ready", f"the database is unreachable ({type(error).__name__})", headers=retry
+        ) from None
+    if resources.tracking_uri.lower() != "none":
+        try:
+            _mlflow_answers(resources.tracking_uri)
+            checks["mlflow"] = "ok"
+        except Exception as error:
+            logger.warning("/ready: MLflow is unreachable: %s", error)
+            raise Problem(
+                503, "not-ready", f"MLflow is unreachable ({type(error).__name__})", headers=retry
+            ) from None
+    supervisor = getattr(request.app.state, "supervisor", None)
+    if supervisor is not None and supervisor.slots:
+        report = supervisor.report()
+        checks["workers"] = report
+        if report["running"] == 0:
+            raise Problem(
+                503,
+                "not-ready",
+                f"no embedded worker runs ({report['restarting']} restarting)",
+                headers=retry,
+                checks=checks,
+            )
     return {"status": "ready", "checks": checks}
+
+
+class WorkerCollector(Collector):
+    """The embedded workers of ``liptune serve``, by state, and their restarts."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        supervisor = getattr(self.app.state, "supervisor", None)
+        report = supervisor.report() if supervisor is not None else {"workers": []}
+        states = GaugeMetricFamily(
+            "liptune_embedded_workers", "embedded workers by state", labels=["state"]
+        )
+        for state in ("running", "restarting"):
+            states.add_metric([state], sum(w["state"] == state for w in report["workers"]))
+        yield states
+        restarts = CounterMetricFamily(
+            "liptune_embedded_worker_restarts",
+            "restarts of each embedded worker",
+            labels=["worker"],
+        )
+        for worker in report["workers"]:
+            restarts.add_metric([str(worker["index"])], worker["restarts"])
+        yield restarts
 
 
 class StudyCollector(Collector):
