@@ -13,12 +13,17 @@ Two steps, as tabular HPO benchmarks do (Syne Tune's blackbox repository and sim
     the same epoch budget, and reports hypervolume of (test accuracy, test certified accuracy at
     the study's eps) against cumulative epochs (PNG + a markdown table).
 
-Tasks: ``digits`` (the README's MLP 64-64, 10 epochs per trial, eps 0.3) and ``fashion``
-(Fashion-MNIST, the reference convnet, 9 epochs per trial, a fixed 10,000-image training subset,
-the full test set, eps 0.5).
+Tasks: ``digits`` (the README's MLP 64-64, 10 epochs per trial, eps 0.3; 8 temperatures and
+7 margins x 5 alphas: 43 configurations) and ``fashion`` (Fashion-MNIST, the reference convnet,
+9 epochs per trial, a fixed 10,000-image training subset, the full test set, eps 0.5; 8
+temperatures and 3 hinge-only margins: 11 configurations, all the shared machine allowed).
 
     nice -n 10 .venv/bin/python benchmarks/study_efficiency.py build --task digits
-    .venv/bin/python benchmarks/study_efficiency.py replay --task digits --seeds 20
+    PYTHONPATH=. /tmp/st/bin/python benchmarks/study_efficiency.py replay --task digits \
+        --seeds 20 --budget 1.5
+
+(``/tmp/st``: a virtual environment that sees ``.venv`` and has Syne Tune, see
+benchmarks/README.md; without Syne Tune pass ``--methods`` without the two MOASHA entries.)
 """
 
 from __future__ import annotations
