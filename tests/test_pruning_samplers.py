@@ -9,9 +9,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from worker.samplers import GuidedSampler, build_sampler, guideline_points, resolve_sampler
+from worker.samplers import (
+    SAMPLER_DESCRIPTIONS,
+    GuidedSampler,
+    build_sampler,
+    guideline_points,
+    resolve_sampler,
+)
 from worker.search_space import suggest_params
-from worker.spec import SearchSpace, StudySpec
+from worker.spec import SAMPLERS, SearchSpace, StudySpec
 
 SPACE = {
     "loss": ["hkr", "tau_ce"],
@@ -129,3 +135,13 @@ def test_the_guided_sampler_trains_its_points_first_then_refines() -> None:
             again.tell(trial, state=TrialState.PRUNED)
         else:
             again.tell(trial, list(_toy_values(expected)))
+
+
+def test_the_catalogue_describes_every_sampler_and_the_pruner() -> None:
+    from service.routers.catalog import list_samplers
+
+    listed = list_samplers()
+    assert [item["name"] for item in listed["items"]] == list(SAMPLER_DESCRIPTIONS)
+    assert set(SAMPLER_DESCRIPTIONS) == set(SAMPLERS)
+    assert listed["pruner"]["name"]["choices"] == ["none", "mo-asha"]
+    assert listed["pruner"]["reduction_factor"]["minimum"] == 2
