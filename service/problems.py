@@ -6,7 +6,8 @@ value (``body.search_space.margin.low``, ``query.eps``, ``header.Idempotency-Key
 repeats the first error so that a client that shows one line shows the useful one.
 
 Raise :class:`Problem` in a route; :func:`install` makes the app answer validation errors, HTTP
-errors, over-large bodies and unexpected exceptions in this form.
+errors, over-large bodies and unexpected exceptions in this form; an unreachable database is a
+503 with ``Retry-After``, never a 500.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
+import optuna
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic_core import to_json
@@ -136,6 +139,42 @@ async def _on_http_error(_request: Request, error: HTTPException) -> Response:
     )
 
 
+#: Seconds a client is asked to wait before retrying while a store is unreachable.
+RETRY_AFTER_S = 5
+
+
+def store_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says a database could not be reached or dropped the connection (or
+    SQLite's file is locked past its timeout), as opposed to a bug or a bad query."""
+    while error is not None:
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(
+            error,
+            sqlalchemy.exc.OperationalError
+            | sqlalchemy.exc.InterfaceError
+            | sqlalchemy.exc.DisconnectionError
+            | sqlalchemy.exc.TimeoutError,
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+async def _on_store_error(request: Request, error: Exception) -> Response:
+    if store_unreachable(error):
+        logger.warning(
+            "%s %s: the database is unreachable: %s", request.method, request.url.path, error
+        )
+        return problem_response(
+            503,
+            "store-unavailable",
+            "the database is unreachable for now; retry after the delay in Retry-After",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return await _on_unexpected(request, error)
+
+
 async def _on_unexpected(request: Request, error: Exception) -> Response:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
     return problem_response(
@@ -188,5 +227,8 @@ def install(app: FastAPI, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(HTTPException, _on_http_error)
+    # Store errors get their own handlers: the catch-all one answers, then re-raises.
+    app.add_exception_handler(sqlalchemy.exc.SQLAlchemyError, _on_store_error)
+    app.add_exception_handler(optuna.exceptions.StorageInternalError, _on_store_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)

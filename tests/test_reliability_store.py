@@ -1,0 +1,109 @@
+"""The API while its PostgreSQL is down: 503 with Retry-After (problem+json), never a 500, and
+itself again once the database is back.
+
+The local cluster is really stopped (``pg_ctlcluster``) for a few seconds; the test waits until
+it accepts connections again before it ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import POSTGRES_SERVER_URL
+from tests.test_api_studies import DIGITS_SPEC, make_client
+
+pytestmark = pytest.mark.postgres
+CLUSTER = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main"]
+
+
+def postgres_accepts() -> bool:
+    try:
+        with psycopg2.connect("host=127.0.0.1 user=postgres dbname=postgres", connect_timeout=2):
+            return True
+    except psycopg2.OperationalError:
+        return False
+
+
+def wait_for_postgres(timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not postgres_accepts():
+        if time.monotonic() > deadline:
+            raise AssertionError("PostgreSQL did not come back")
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database whose admin engine survives the restart (pre-ping)."""
+    name = f"liptune_rel_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(
+        f"{POSTGRES_SERVER_URL}/postgres", isolation_level="AUTOCOMMIT", pool_pre_ping=True
+    )
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES_SERVER_URL}/{name}"
+    finally:
+        wait_for_postgres()
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_down() -> Iterator[None]:
+    """While the test body runs under ``with``, PostgreSQL is stopped; then started again."""
+
+    class Outage:
+        def __enter__(self) -> None:
+            subprocess.run([*CLUSTER, "stop", "-m", "fast"], check=True, timeout=60)
+
+        def __exit__(self, *exc: object) -> None:
+            subprocess.run([*CLUSTER, "start"], check=True, timeout=60)
+            wait_for_postgres()
+
+    try:
+        yield Outage()
+    finally:
+        if not postgres_accepts():
+            subprocess.run([*CLUSTER, "start"], check=False, timeout=60)
+            wait_for_postgres()
+
+
+def test_the_api_answers_503_while_postgres_is_down(
+    tmp_path: Path, postgres_url: str, postgres_down
+):
+    client = make_client(tmp_path, postgres_url)
+    created = client.post("/studies", json=DIGITS_SPEC)
+    assert created.status_code == 201, created.text
+    study_id = created.json()["id"]
+    with postgres_down:
+        for method, path, body in [
+            ("GET", "/studies", None),
+            ("GET", f"/studies/{study_id}/trials", None),
+            ("POST", "/studies", {**DIGITS_SPEC, "name": "during-outage"}),
+            ("POST", f"/studies/{study_id}/extend", {"n_trials": 1}),
+            ("GET", "/ready", None),
+        ]:
+            started = time.monotonic()
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503, (path, response.status_code, response.text)
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert int(response.headers["retry-after"]) > 0
+            assert "postgresql://" not in response.text
+            assert time.monotonic() - started < 10
+    back = client.get(f"/studies/{study_id}")
+    if back.status_code == 503:  # the pool's first connection after the restart was stale
+        back = client.get(f"/studies/{study_id}")
+    assert back.status_code == 200, back.text
+    assert back.json()["n_trials"] == DIGITS_SPEC["n_trials"]
+    listed = client.get("/studies").json()["items"]
+    assert [study["id"] for study in listed] == [study_id]
