@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import warnings
 from typing import Any, Protocol
 
 import optuna
@@ -83,7 +84,9 @@ def create_study(storage: Storage, spec: StudySpec, study_id: str) -> optuna.Stu
         sampler=sampler,
     )
     # optuna-dashboard and optuna.visualization label the axes with these.
-    study.set_metric_names([objective.key for objective in spec.objectives])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([objective.key for objective in spec.objectives])
     study.set_user_attr(ID_ATTR, study_id)
     study.set_user_attr(SPEC_ATTR, json.loads(spec.model_dump_json()))
     study.set_user_attr(
