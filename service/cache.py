@@ -158,9 +158,7 @@ class StudyCache:
         spec = previous.spec if previous is not None else StudySpec.model_validate(spec_data)
         status = self.store.study_status_by_id(state.optuna_study_id)
         # The trials not seen finished, and every newer one.
-        fresh = self.store.trials_since(
-            state.optuna_study_id, state.unfinished, state.max_trial_id
-        )
+        fresh = self.store.trials_since(state.optuna_study_id, state.unfinished, state.max_trial_id)
         changed = False
         for trial_id, trial in fresh:
             state.max_trial_id = max(state.max_trial_id, trial_id)
