@@ -24,6 +24,24 @@ POSTGRES_SERVER_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 POSTGRES_START_HINT = "pg_ctlcluster --skip-systemctl-redirect 15 main start"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=None,
+        help="torch's default device for the run (e.g. cuda): tensors and modules the tests "
+        "create without naming a device land there (scripts/gpu-check.sh runs the core's "
+        "tests so)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    device = config.getoption("--device")
+    if device:
+        import torch
+
+        torch.set_default_device(device)
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """One torch thread and seed 0 for the test (the core's tests compare numbers, and two
