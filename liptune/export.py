@@ -5,15 +5,14 @@ r"""Export a model built from :mod:`liptune.nn` to plain PyTorch and ONNX, and b
 - :func:`export_onnx` writes that plain model as ONNX with the direct writer of
   :mod:`liptune.onnx` (milliseconds), or with :func:`torch.onnx.export` for modules the
   writer does not know (seconds).
-- :func:`lipschitz_upper_bound` bounds the Lipschitz constant of the plain model from its
-  weights alone, without trusting the constraints that produced them.
+- :func:`lipschitz_upper_bound` is :func:`liptune.bounds.lipschitz_bound`: a guaranteed bound
+  of the plain model's Lipschitz constant from its weights alone.
 
 ``input_shape`` is the shape of one example, without the batch dimension: ``(C, H, W)`` for
 images, ``(features,)`` for vectors.
 """
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,40 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from liptune.nn import (
-    FullSort,
-    GroupSort,
-    GroupSort2,
-    HouseHolder,
-    InvertibleDownSampling,
-    LipschitzResidual,
-    MaxMin,
-    ScaledAvgPool2d,
-    ScaledConcat,
-    ScaledGlobalAvgPool2d,
-    ScaledGlobalL2NormPool2d,
-    ScaledL2NormPool2d,
-)
-
 __all__ = ["export_onnx", "lipschitz_upper_bound", "vanilla_export"]
-
-_ONE_LIPSCHITZ = (
-    FullSort,
-    GroupSort,
-    GroupSort2,
-    HouseHolder,
-    MaxMin,
-    InvertibleDownSampling,
-    ScaledAvgPool2d,
-    ScaledGlobalAvgPool2d,
-    ScaledGlobalL2NormPool2d,
-    ScaledL2NormPool2d,
-    nn.ReLU,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.Dropout,
-)
 
 
 def _plain_layer(layer: nn.Module) -> nn.Module:
@@ -180,93 +146,9 @@ def _torch_export_onnx(
         )
 
 
-def _operator_norm(operator, example: Tensor, iterations: int, tolerance: float) -> float:
-    """Largest singular value of a linear ``operator`` on inputs shaped like ``example``.
+def lipschitz_upper_bound(model: nn.Module, input_shape: Sequence[int]) -> float:
+    """The guaranteed bound :func:`liptune.bounds.lipschitz_bound` (kept under this name)."""
+    # Imported here: liptune.bounds imports this module for vanilla_export.
+    from liptune.bounds import lipschitz_bound
 
-    Power iteration on :math:`A^\\top A`, the adjoint taken by autograd (exact for any padding).
-    """
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(example.shape, generator=generator, dtype=torch.float64)
-    x = (x / x.norm()).to(example.device)
-    sigma = 0.0
-    for _ in range(iterations):
-        x.requires_grad_(True)
-        y = operator(x)
-        (x_next,) = torch.autograd.grad(y, x, grad_outputs=y)
-        new_sigma = y.detach().norm().item()
-        x = (x_next / x_next.norm()).detach()
-        if abs(new_sigma - sigma) <= tolerance * new_sigma:
-            return new_sigma
-        sigma = new_sigma
-    return sigma
-
-
-def _child(name: str, child: str) -> str:
-    return f"{name}.{child}" if name else child
-
-
-@torch.no_grad()
-def _apply(module: nn.Module, x: Tensor) -> Tensor:
-    return module(x)
-
-
-def _bound(module: nn.Module, x: Tensor, name: str, iterations: int, tolerance: float):
-    """(Lipschitz bound of ``module`` on inputs shaped like ``x``, ``module(x)``)."""
-    if isinstance(module, nn.Sequential):
-        total = 1.0
-        for child_name, child in module.named_children():
-            constant, x = _bound(child, x, _child(name, child_name), iterations, tolerance)
-            total *= constant
-        return total, x
-    if isinstance(module, LipschitzResidual):
-        inner, _ = _bound(module.block, x, _child(name, "block"), iterations, tolerance)
-        t = module.skip_weight
-        return t + (1 - t) * inner, _apply(module, x)
-    if isinstance(module, ScaledConcat):
-        squares = sum(
-            _bound(branch, x, _child(name, f"branches.{i}"), iterations, tolerance)[0] ** 2
-            for i, branch in enumerate(module.branches)
-        )
-        return math.sqrt(squares / len(module.branches)), _apply(module, x)
-    if isinstance(module, nn.Linear):
-        return torch.linalg.matrix_norm(module.weight.double(), 2).item(), _apply(module, x)
-    if isinstance(module, nn.Conv2d):
-        weight = module.weight.detach().double()
-
-        def convolve(z: Tensor) -> Tensor:
-            return module._conv_forward(z, weight, None)
-
-        return _operator_norm(convolve, x, iterations, tolerance), _apply(module, x)
-    if isinstance(module, nn.AvgPool2d):
-        return _operator_norm(module, x, iterations, tolerance), _apply(module, x)
-    if isinstance(module, _ONE_LIPSCHITZ):
-        return 1.0, _apply(module, x)
-    raise TypeError(
-        f"lipschitz_upper_bound cannot bound layer {name or '<model>'!r} of type "
-        f"{type(module).__module__}.{type(module).__name__}; supported: nn.Sequential "
-        f"containers, nn.Linear, nn.Conv2d, nn.AvgPool2d, LipschitzResidual, ScaledConcat and "
-        f"the 1-Lipschitz activations and pooling of liptune.nn"
-    )
-
-
-def lipschitz_upper_bound(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    iterations: int = 1000,
-    tolerance: float = 1e-7,
-) -> float:
-    r"""An upper bound of the L2 Lipschitz constant of ``model`` on inputs of ``input_shape``.
-
-    Computed from :func:`vanilla_export` of ``model``, layer by layer: the product over a
-    sequence of the layers' constants, where a linear layer counts its spectral norm (SVD), a
-    convolution the norm of the real operator (its stride and padding, circular included, on
-    the actual feature-map size; power iteration in float64 until the estimate changes by less
-    than ``tolerance`` relatively, at most ``iterations`` steps), the core's activations and
-    pooling 1, ``LipschitzResidual`` :math:`t + (1-t) L`, ``ScaledConcat``
-    :math:`\sqrt{\sum L_i^2 / n}`. A layer it cannot bound raises a ``TypeError`` naming it.
-    """
-    exported = vanilla_export(model).double()
-    example = _example(exported, input_shape)
-    constant, _ = _bound(exported, example, "", iterations, tolerance)
-    return constant
+    return lipschitz_bound(model, input_shape)

@@ -1,0 +1,480 @@
+r"""Guaranteed upper bounds of the L2 Lipschitz constant, and power-iteration lower estimates.
+
+Everything is computed in float64 from :func:`liptune.export.vanilla_export` of the model, so
+nothing the constraints claim is trusted. Per layer:
+
+- ``nn.Linear``: its spectral norm by SVD.
+- ``nn.Conv2d`` (any kernel, stride, dilation, groups, padding and padding mode): the minimum
+  of two upper bounds.
+
+  *Circulant bound.* Per spatial axis the layer is written as ``R C P``: ``P`` pads the input
+  (zero padding: an isometric embedding; circular: an orthogonal roll; reflect/replicate: a
+  0/1 matrix with norm :math:`\sqrt{\text{max copies of one pixel}}`), ``C`` is a circular
+  convolution on a grid of ``M`` cells and ``R`` keeps the output rows (a crop, or for circular
+  padding rows that may repeat, norm :math:`\sqrt{\text{max repeats}}`). A stride-s convolution
+  is a stride-1 one of the space-to-depth (polyphase) input, an orthogonal rearrangement, with
+  :math:`\lceil k/s \rceil` taps per side; so ``C`` is a stride-1 circular convolution with
+  ``in * s_h * s_w`` channels, and its exact norm is the largest singular value of the kernel's
+  2-D DFT over the ``M_h x M_w`` frequencies. For zero padding the grid is just large enough
+  that no output wraps around (a zero-padded convolution is a crop of a circular one there).
+  Exact for circular padding when the stride divides the map; an upper bound otherwise.
+
+  *Dense bound.* Where the operator's matrix is small (see :data:`DENSE_LIMIT`), it is built
+  column by column (the convolution of each unit input: its entries are the weights, exactly)
+  and its norm taken from the eigenvalues of the smaller Gram matrix: exact up to rounding.
+  This is what makes small zero-padded maps tight (the circulant bound there can be several
+  percent above the truth).
+
+  Each computed norm is raised by a margin that covers float64 rounding of the FFT, the Gram
+  product and the eigen/SVD solvers (backward-stable, error at most a small multiple of
+  ``n * eps`` times the Frobenius norm); the margin is ~1e-12 relatively, far below what
+  matters to a certificate.
+- ``nn.AvgPool2d`` (no ceil mode, padding counted): a depthwise convolution with a constant
+  kernel, bounded as above.
+- The core's activations and pooling (1-Lipschitz by construction, no weight): 1.
+- Composition: a sequence multiplies; ``LipschitzResidual`` gives :math:`t + (1 - t) L`;
+  ``ScaledConcat`` gives :math:`\sqrt{\sum L_i^2 / n}`.
+
+:func:`lipschitz_estimate` composes the same way with each layer's norm estimated by power
+iteration (a lower estimate of each layer's exact norm, hence never above the bound): the gap
+between the two says how much the bounding costs.
+
+:func:`head_bound` is the constant each certificate divides by: the whole map for binary and
+global heads; for a classwise head (each logit promised 1-Lipschitz on its own) the body's
+bound times the largest row norm of the last ``nn.Linear``.
+
+``input_shape`` is the shape of one example without the batch dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from liptune.export import vanilla_export
+from liptune.nn import (
+    FullSort,
+    GroupSort,
+    GroupSort2,
+    HouseHolder,
+    InvertibleDownSampling,
+    LipschitzResidual,
+    MaxMin,
+    ScaledAvgPool2d,
+    ScaledConcat,
+    ScaledGlobalAvgPool2d,
+    ScaledGlobalL2NormPool2d,
+    ScaledL2NormPool2d,
+)
+
+__all__ = [
+    "DENSE_LIMIT",
+    "LayerBound",
+    "conv_bound",
+    "head_bound",
+    "layer_bounds",
+    "lipschitz_bound",
+    "lipschitz_estimate",
+]
+
+#: The dense bound runs when the smaller side of the operator's matrix has at most this many
+#: rows (its Gram matrix is then at most this size squared) and the matrix has at most
+#: ``DENSE_LIMIT * 8`` columns.
+DENSE_LIMIT = 4096
+
+_EPS = torch.finfo(torch.float64).eps
+# Rounding margins are multiples of the solvers' backward-error constants; 16 is generous.
+_SAFETY = 16.0
+
+_ONE_LIPSCHITZ = (
+    FullSort,
+    GroupSort,
+    GroupSort2,
+    HouseHolder,
+    MaxMin,
+    InvertibleDownSampling,
+    ScaledAvgPool2d,
+    ScaledGlobalAvgPool2d,
+    ScaledGlobalL2NormPool2d,
+    ScaledL2NormPool2d,
+    nn.ReLU,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+)
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """One weighted layer: its name in the model, type, input shape (one example), guaranteed
+    ``bound``, power-iteration ``estimate`` (``estimate <= exact norm <= bound``) and the
+    ``method`` that gave the bound (``"svd"``, ``"circulant"`` or ``"dense"``)."""
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...]
+    bound: float
+    estimate: float
+    method: str
+
+
+def _matrix_norm_bound(matrix: Tensor) -> float:
+    """Largest singular value of a float64 matrix (or batch), plus a rounding margin."""
+    sigma = torch.linalg.matrix_norm(matrix, 2).max().item()
+    frobenius = torch.linalg.matrix_norm(matrix).max().item()
+    n = max(matrix.shape[-1], matrix.shape[-2])
+    return sigma + _SAFETY * n * _EPS * frobenius
+
+
+# ---------------------------------------------------------------------------- convolutions
+
+
+def _pad_amounts(conv: nn.Conv2d, axis: int) -> tuple[int, int]:
+    """(before, after) padding of ``conv`` along spatial ``axis`` (0: height, 1: width)."""
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":
+        total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
+        return total // 2, total - total // 2
+    return conv.padding[axis], conv.padding[axis]
+
+
+def _copies(length: int, before: int, after: int, mode: str) -> int:
+    """The largest number of times one input cell appears in the padded axis."""
+    index = torch.arange(-before, length + after)
+    if mode == "reflect":
+        period = 2 * (length - 1)
+        index = index.remainder(period) if period else torch.zeros_like(index)
+        index = torch.where(index >= length, period - index, index)
+    else:
+        index = index.clamp(0, length - 1)
+    return int(torch.bincount(index, minlength=length).max().item())
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """How one spatial axis is embedded: phase stride, circulant grid, squared norm factor."""
+
+    phase: int
+    grid: int
+    factor: int
+
+
+def _axis_plan(conv: nn.Conv2d, axis: int, length: int) -> _Axis:
+    k = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1
+    s = conv.stride[axis]
+    before, after = _pad_amounts(conv, axis)
+    padded = length + before + after
+    out = (padded - k) // s + 1
+    if conv.padding_mode == "circular":
+        # Output i reads x[(s i + a - before) mod length]: after an orthogonal roll, rows of a
+        # circular convolution on the torus, polyphase when the stride divides the length.
+        phase = s if length % s == 0 else 1
+        grid = length // phase
+        rows = (torch.arange(out) * (s // phase)).remainder(grid)
+        repeats = int(torch.bincount(rows, minlength=grid).max().item())
+        return _Axis(phase, grid, repeats)
+    copies = (
+        1 if conv.padding_mode == "zeros" else _copies(length, before, after, conv.padding_mode)
+    )
+    taps = math.ceil(k / s)
+    grid = max(math.ceil(padded / s), out + taps - 1)
+    return _Axis(s, grid, copies)
+
+
+def _full_kernel(conv: nn.Conv2d, weight: Tensor) -> Tensor:
+    """The dense (out, in, k_eff_h, k_eff_w) kernel: groups block-diagonal, dilation spread."""
+    out_channels, per_group, kh, kw = weight.shape
+    dh, dw = conv.dilation
+    groups = conv.groups
+    kernel = weight.new_zeros(
+        out_channels, per_group * groups, dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    )
+    block = out_channels // groups
+    for g in range(groups):
+        kernel[g * block : (g + 1) * block, g * per_group : (g + 1) * per_group, ::dh, ::dw] = (
+            weight[g * block : (g + 1) * block]
+        )
+    return kernel
+
+
+def _circulant_bound(conv: nn.Conv2d, weight: Tensor, height: int, width: int) -> float:
+    kernel = _full_kernel(conv, weight)
+    plans = (_axis_plan(conv, 0, height), _axis_plan(conv, 1, width))
+    (ph, pw), (mh, mw) = (plans[0].phase, plans[1].phase), (plans[0].grid, plans[1].grid)
+    out_channels, in_channels, kh, kw = kernel.shape
+    th, tw = math.ceil(kh / ph), math.ceil(kw / pw)
+    padded = kernel.new_zeros(out_channels, in_channels, th * ph, tw * pw)
+    padded[:, :, :kh, :kw] = kernel
+    # (o, c, q_h, r_h, q_w, r_w) -> (o, c, r_h, r_w, q_h, q_w): tap a = s q + r.
+    poly = padded.reshape(out_channels, in_channels, th, ph, tw, pw).permute(0, 1, 3, 5, 2, 4)
+    poly = poly.reshape(out_channels, in_channels * ph * pw, th, tw)
+    folded = poly.new_zeros(out_channels, in_channels * ph * pw, mh, mw)
+    # A tap beyond the grid wraps around the torus (circular padding on tiny maps).
+    for qh in range(th):
+        for qw in range(tw):
+            folded[:, :, qh % mh, qw % mw] += poly[:, :, qh, qw]
+    symbol = torch.fft.fft2(folded).permute(2, 3, 0, 1).reshape(mh * mw, out_channels, -1)
+    sigma = torch.linalg.matrix_norm(symbol, 2).max().item()
+    margin = _SAFETY * _EPS * (math.log2(mh * mw) + sum(symbol.shape[1:]) + 2)
+    sigma += margin * kernel.abs().sum().item()
+    return math.sqrt(plans[0].factor * plans[1].factor) * sigma
+
+
+def _dense_matrix(operator: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> Tensor:
+    """The matrix of a linear ``operator`` on inputs of ``shape`` as (n_out, n_in), float64."""
+    n_in = math.prod(shape)
+    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *shape)
+    with torch.no_grad():
+        columns = torch.cat([operator(chunk).reshape(len(chunk), -1) for chunk in basis.split(512)])
+    return columns.mT
+
+
+def _dense_bound(matrix: Tensor) -> float | None:
+    r"""A guaranteed bound of :math:`\|A\|_2` from ``matrix``, or None if none was proven.
+
+    With :math:`\hat G` the computed Gram matrix of the smaller side (error at most
+    :math:`\gamma_n \|A\|_F^2` in norm), an estimate :math:`\theta` of its largest
+    eigenvalue (``eigvalsh`` up to 1024 rows, LOBPCG above: it only decides tightness), and a
+    candidate :math:`t = \theta (1 + r)`: if floating-point Cholesky of
+    :math:`(t - \delta) I - \hat G` succeeds, with :math:`\delta` covering the Gram error and
+    Cholesky's own (Rump, "Verification of positive definiteness", BIT 2006: a shift of
+    :math:`\gamma_{n+1}` times the trace suffices), then :math:`\|A\|_2^2 \le t`. Cholesky
+    costs a quarter of an eigen-decomposition, which matters on shared CPUs.
+    """
+    gram = matrix @ matrix.mT if matrix.shape[0] <= matrix.shape[1] else matrix.mT @ matrix
+    n = gram.shape[0]
+    if n <= 1024 or gram.abs().max().item() == 0:
+        theta = torch.linalg.eigvalsh(gram)[-1].item()
+    else:
+        theta = torch.lobpcg(gram, k=1, largest=True, tol=1e-9, niter=300)[0].item()
+    if theta <= 0:
+        return 0.0 if gram.abs().max().item() == 0 else None
+    gram_error = _SAFETY * n * _EPS * matrix.square().sum().item()
+    eye = torch.eye(n, dtype=torch.float64)
+    for relative in (1e-7, 1e-5, 1e-4, 1e-3, 1e-2):
+        t = theta * (1.0 + relative)
+        shifted = t * eye - gram
+        delta = gram_error + _SAFETY * (n + 1) * _EPS * shifted.diagonal().abs().sum().item()
+        _, info = torch.linalg.cholesky_ex(shifted - delta * eye)
+        if info.item() == 0:
+            return math.sqrt(t)
+    return None
+
+
+def _dense_fits(n_in: int, n_out: int) -> bool:
+    return min(n_in, n_out) <= DENSE_LIMIT and max(n_in, n_out) <= 8 * DENSE_LIMIT
+
+
+def conv_bound(
+    conv: nn.Conv2d, input_shape: Sequence[int], *, dense: bool = True
+) -> tuple[float, str]:
+    """(guaranteed upper bound of ``conv``'s operator norm on inputs ``(C, H, W)``, method).
+
+    The bias is ignored (it does not change the Lipschitz constant). ``dense=False`` skips the
+    dense bound (tests use it to check the circulant bound alone).
+    """
+    weight = conv.weight.detach().double()
+    channels, height, width = input_shape
+    bound, method = _circulant_bound(conv, weight, height, width), "circulant"
+    n_in = channels * height * width
+    plain = _conv_operator(conv, weight)
+    with torch.no_grad():
+        n_out = plain(torch.zeros(1, channels, height, width, dtype=torch.float64)).numel()
+    if dense and _dense_fits(n_in, n_out):
+        exact = _dense_bound(_dense_matrix(plain, (channels, height, width)))
+        if exact is not None and exact < bound:
+            bound, method = exact, "dense"
+    return bound, method
+
+
+def _conv_operator(conv: nn.Conv2d, weight: Tensor) -> Callable[[Tensor], Tensor]:
+    def operator(z: Tensor) -> Tensor:
+        return conv._conv_forward(z, weight, None)
+
+    return operator
+
+
+def _avg_pool_as_conv(pool: nn.AvgPool2d, channels: int) -> nn.Conv2d:
+    def pair(value) -> tuple[int, int]:
+        return (value, value) if isinstance(value, int) else tuple(value)
+
+    kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
+    if pool.ceil_mode or (not pool.count_include_pad and padding != (0, 0)):
+        raise TypeError(
+            "the bound handles nn.AvgPool2d without ceil_mode and with count_include_pad "
+            f"(or no padding); got {pool}"
+        )
+    divisor = pool.divisor_override or kernel[0] * kernel[1]
+    conv = nn.Conv2d(
+        channels, channels, kernel, stride=stride, padding=padding, groups=channels, bias=False
+    ).double()
+    with torch.no_grad():
+        conv.weight.fill_(1.0 / divisor)
+    return conv
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def _power_norm(operator: Callable[[Tensor], Tensor], example: Tensor, iterations: int) -> float:
+    """Power iteration on :math:`A^\\top A` (adjoint by autograd): a lower estimate of
+    :math:`\\|A\\|_2`, since every iterate's ratio ``||A x|| / ||x||`` is at most the norm."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(example.shape, generator=generator, dtype=torch.float64)
+    x = x / x.norm()
+    best = 0.0
+    for _ in range(iterations):
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            y = operator(x)
+            (gradient,) = torch.autograd.grad(y, x, grad_outputs=y)
+        value = y.detach().norm().item()
+        best = max(best, value)
+        norm = gradient.norm()
+        if norm == 0:
+            break
+        x = (gradient / norm).detach()
+    return best
+
+
+# ------------------------------------------------------------------------- composition
+
+
+def _child(name: str, child: str) -> str:
+    return f"{name}.{child}" if name else child
+
+
+class _Walker:
+    """Composes per-layer constants through the model, recording the weighted layers."""
+
+    def __init__(self, iterations: int) -> None:
+        self.iterations = iterations
+        self.layers: list[LayerBound] = []
+
+    def layer(self, name: str, module: nn.Module, x: Tensor) -> tuple[float, float]:
+        shape = tuple(x.shape[1:])
+        if isinstance(module, nn.Linear):
+            weight = module.weight.detach().double()
+            bound, method = _matrix_norm_bound(weight), "svd"
+            estimate = torch.linalg.matrix_norm(weight, 2).item()
+        else:
+            conv = module if isinstance(module, nn.Conv2d) else _avg_pool_as_conv(module, shape[0])
+            bound, method = conv_bound(conv, shape)
+            operator = _conv_operator(conv, conv.weight.detach().double())
+            estimate = min(_power_norm(operator, x, self.iterations), bound)
+        self.layers.append(LayerBound(name, type(module).__name__, shape, bound, estimate, method))
+        return bound, estimate
+
+    def walk(self, module: nn.Module, x: Tensor, name: str) -> tuple[float, float, Tensor]:
+        """(bound, estimate, module(x)) of ``module`` on inputs shaped like ``x``."""
+        if isinstance(module, nn.Sequential):
+            bound = estimate = 1.0
+            for child_name, child in module.named_children():
+                b, e, x = self.walk(child, x, _child(name, child_name))
+                bound, estimate = bound * b, estimate * e
+            return bound, estimate, x
+        with torch.no_grad():
+            y = module(x)
+        if isinstance(module, LipschitzResidual):
+            b, e, _ = self.walk(module.block, x, _child(name, "block"))
+            t = module.skip_weight
+            return t + (1 - t) * b, t + (1 - t) * e, y
+        if isinstance(module, ScaledConcat):
+            parts = [
+                self.walk(branch, x, _child(name, f"branches.{i}"))[:2]
+                for i, branch in enumerate(module.branches)
+            ]
+            n = len(parts)
+            bound = math.sqrt(sum(b * b for b, _ in parts) / n)
+            return bound, math.sqrt(sum(e * e for _, e in parts) / n), y
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.AvgPool2d):
+            b, e = self.layer(name, module, x)
+            return b, e, y
+        if isinstance(module, _ONE_LIPSCHITZ):
+            return 1.0, 1.0, y
+        raise TypeError(
+            f"the Lipschitz bound cannot bound layer {name or '<model>'!r} of type "
+            f"{type(module).__module__}.{type(module).__name__}; supported: nn.Sequential "
+            f"containers, nn.Linear, nn.Conv2d, nn.AvgPool2d, LipschitzResidual, ScaledConcat "
+            f"and the 1-Lipschitz activations and pooling of liptune.nn"
+        )
+
+
+def _example(input_shape: Sequence[int]) -> Tensor:
+    shape = tuple(input_shape)
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(
+            f"input_shape must be the shape of one example (no batch dimension) as positive "
+            f"ints, e.g. (1, 28, 28); got {input_shape!r}"
+        )
+    return torch.rand((1, *shape), dtype=torch.float64)
+
+
+def _walk(model: nn.Module, input_shape: Sequence[int], iterations: int):
+    example = _example(input_shape)
+    exported = vanilla_export(model).double()
+    walker = _Walker(iterations)
+    bound, estimate, _ = walker.walk(exported, example, "")
+    return bound, estimate, walker.layers
+
+
+def layer_bounds(
+    model: nn.Module, input_shape: Sequence[int], *, iterations: int = 200
+) -> list[LayerBound]:
+    """Bound and estimate of every weighted layer of ``model``, in forward order."""
+    return _walk(model, input_shape, iterations)[2]
+
+
+def lipschitz_bound(model: nn.Module, input_shape: Sequence[int]) -> float:
+    """A guaranteed upper bound of the L2 Lipschitz constant of ``model`` (module docstring).
+
+    A layer it cannot bound raises a ``TypeError`` naming it.
+    """
+    return _walk(model, input_shape, 1)[0]
+
+
+def lipschitz_estimate(
+    model: nn.Module, input_shape: Sequence[int], *, iterations: int = 200
+) -> float:
+    """The same composition with each layer's norm estimated from below by power iteration.
+
+    Not a bound of anything: each layer's value is at most its exact norm, so this is at most
+    :func:`lipschitz_bound`; the gap says how tight the bound is layer by layer.
+    """
+    return _walk(model, input_shape, iterations)[1]
+
+
+def head_bound(model: nn.Module, input_shape: Sequence[int], mode: str | None = None) -> float:
+    """The Lipschitz constant the certificates of ``model`` divide by, guaranteed.
+
+    ``mode`` defaults to ``model.certificate_mode``. ``"binary"``/``"global"``: the whole map's
+    :func:`lipschitz_bound`. ``"classwise"`` (each logit on its own): the model must end with an
+    ``nn.Linear`` (in a sequence); the bound of what comes before it times the largest L2 norm
+    of the Linear's rows, i.e. a bound of every single logit's constant.
+    """
+    mode = mode if mode is not None else getattr(model, "certificate_mode", None)
+    if mode in ("binary", "global"):
+        return lipschitz_bound(model, input_shape)
+    if mode != "classwise":
+        raise ValueError(
+            f"certificate mode must be 'binary', 'global' or 'classwise', got {mode!r}"
+        )
+    exported = vanilla_export(model).double()
+    children = list(exported.children()) if isinstance(exported, nn.Sequential) else []
+    if not children or not isinstance(children[-1], nn.Linear):
+        raise TypeError(
+            "a classwise head needs a model that is an nn.Sequential ending with an nn.Linear "
+            f"(the head whose rows are the logits); got {type(model).__name__}"
+        )
+    head = children[-1].weight.detach()
+    rows = torch.linalg.vector_norm(head, dim=1).max().item()
+    rows *= 1.0 + _SAFETY * head.shape[1] * _EPS
+    body = nn.Sequential(*children[:-1])
+    body_bound = _Walker(1).walk(body, _example(input_shape), "")[0] if children[:-1] else 1.0
+    return body_bound * rows
