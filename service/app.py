@@ -9,6 +9,7 @@ are the strings ``"Infinity"``/``"-Infinity"`` (``alpha_kr = inf``), every error
 from __future__ import annotations
 
 import importlib.metadata
+import threading
 
 import sqlalchemy
 from fastapi import FastAPI
@@ -27,6 +28,7 @@ from service.routers import catalog, health, pages, studies, trials
 from service.routers.health import StudyCollector, WorkerCollector
 from service.schemas import InfJSONResponse
 from service.schemas import Problem as ProblemSchema
+from worker import costs
 from worker.storage import engine_kwargs
 from worker.store import StudyStore
 
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.resources = resources
+    threading.Thread(target=costs.warm_up, name="cost-warm-up", daemon=True).start()
     problems.install(app, settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

@@ -33,7 +33,7 @@ from pydantic import TypeAdapter
 
 from worker.datasets.registry import dataset_info
 from worker.models import build_model
-from worker.spec import DatasetSpec, ModelSpec, StudySpec, TrialSpec
+from worker.spec import ConvNetSpec, DatasetSpec, MLPSpec, ModelSpec, StudySpec, TrialSpec
 
 _FLOAT_BYTES = 4
 #: Weight, gradient and Adam's two moments per free parameter.
@@ -133,6 +133,13 @@ def _estimate_model(
         data_bytes=0,
         batch_size=batch_size,
     )
+
+
+def warm_up() -> None:
+    """Trace two tiny models once: the first trace in a process loads torch's meta-device
+    decompositions (seconds), which a server would rather not make its first request wait for."""
+    estimate_model(MLPSpec(widths=[2]), (2,), 2, 1)
+    estimate_model(ConvNetSpec(channels=[2], dense_widths=[2]), (1, 4, 4), 2, 1)
 
 
 def estimate(spec: TrialSpec) -> Cost:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi_pagination import Params, paginate
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,10 +44,12 @@ from service.schemas import (
 from worker.spec import StudySpec
 from worker.studies import (
     RUNNING,
+    SPEC_ATTR,
     cancel_study,
     create_study,
-    extend_study,
+    load_study,
     optuna_study_name,
+    set_status,
     study_status,
 )
 
@@ -150,10 +153,32 @@ def _replay(row: StudyRow, request_hash: str, cache: StudyCache) -> InfJSONRespo
             errors=[field_error("header.Idempotency-Key", "already used for another body")],
         )
     return InfJSONResponse(
-        detail_view(load_snapshot(cache, row.id)),
+        detail_view(_created_snapshot(cache, row.id)),
         status_code=201,
         headers={"Location": f"/studies/{row.id}", "Idempotent-Replayed": "true"},
     )
+
+
+#: How long a replayed submission waits for the first request to create the Optuna study.
+REPLAY_WAIT_S = 30.0
+
+
+def _created_snapshot(cache: StudyCache, study_id: str) -> StudySnapshot:
+    """The snapshot of a study whose row exists, waiting while the request that inserted it is
+    still creating its Optuna study (a 404 only if that request gave up and removed the row)."""
+    deadline = time.monotonic() + REPLAY_WAIT_S
+    while True:
+        try:
+            return cache.snapshot(study_id)
+        except UnknownStudy:
+            if time.monotonic() > deadline:
+                raise Problem(
+                    503,
+                    "study-being-created",
+                    "the first request with this Idempotency-Key is still creating the study",
+                    headers={"Retry-After": "5"},
+                ) from None
+            time.sleep(0.05)
 
 
 @router.post(
@@ -262,26 +287,51 @@ def extend(
     db: Session = Depends(get_db),
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
-    total = snapshot.n_trials + request.n_trials
-    if total > resources.settings.max_trials:
+    limit = resources.settings.max_trials
+    # The increment is one UPDATE (atomic on SQLite and PostgreSQL); the Optuna spec is then
+    # set, not added to, from the row's total until both agree, so concurrent extends all count.
+    total = db.execute(
+        update(StudyRow)
+        .where(StudyRow.id == snapshot.id, StudyRow.n_trials + request.n_trials <= limit)
+        .values(n_trials=StudyRow.n_trials + request.n_trials)
+        .returning(StudyRow.n_trials)
+    ).scalar_one_or_none()
+    db.commit()
+    if total is None:
         raise invalid_input(
             [
                 field_error(
                     "body.n_trials",
                     f"{snapshot.n_trials} + {request.n_trials} trials exceed this server's "
-                    f"limit of {resources.settings.max_trials}",
+                    f"limit of {limit}",
                     "limit",
                 )
             ]
         )
-    spec = extend_study(resources.storage, snapshot.id, request.n_trials)
-    row = db.get(StudyRow, snapshot.id)
-    if row is not None:
-        row.n_trials = spec.n_trials
-        row.spec = _json_spec(spec)
-        db.commit()
+    while True:
+        spec = _set_budget(resources, snapshot.id, total)
+        current = db.scalars(select(StudyRow.n_trials).where(StudyRow.id == snapshot.id)).one()
+        if current == total:
+            break
+        total = current
+    db.execute(
+        update(StudyRow)
+        .where(StudyRow.id == snapshot.id, StudyRow.n_trials == total)
+        .values(spec=_json_spec(spec))
+    )
+    db.commit()
     resources.cache.invalidate(snapshot.id)
     return InfJSONResponse(detail_view(load_snapshot(resources.cache, snapshot.id)))
+
+
+def _set_budget(resources: Resources, study_id: str, n_trials: int) -> StudySpec:
+    """Set the Optuna study's budget to ``n_trials`` and open it to workers again."""
+    study = load_study(resources.storage, study_id)
+    data = study.user_attrs[SPEC_ATTR]
+    spec = StudySpec.model_validate({**data, "n_trials": n_trials})
+    study.set_user_attr(SPEC_ATTR, _json_spec(spec))
+    set_status(study, RUNNING)
+    return spec
 
 
 # --------------------------------------------------------------------------- reads
