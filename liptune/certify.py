@@ -33,6 +33,7 @@ __all__ = [
     "mean_certifiable_robustness",
     "predict_with_certificates",
     "provable_avg_robustness",
+    "verified_predictions",
 ]
 
 CertificateMode = Literal["binary", "global", "classwise"]
@@ -55,14 +56,21 @@ def _multiclass_outputs(outputs: Tensor, mode: str) -> Tensor:
     return outputs
 
 
-def certificates(outputs: Tensor, mode: CertificateMode) -> Tensor:
-    """The certified L2 radius of each prediction, shape (N,).
+def certificates(outputs: Tensor, mode: CertificateMode, lipschitz: float = 1.0) -> Tensor:
+    """The certified L2 radius of each prediction, shape (N,): margin / (c * ``lipschitz``).
 
     Args:
         outputs: logits of a 1-Lipschitz model, (N,) or (N, 1) for ``"binary"``, (N, C) else.
         mode: ``"binary"``, ``"global"`` or ``"classwise"`` (see the module docstring).
+        lipschitz: a guaranteed upper bound of what the mode promises is 1-Lipschitz (the whole
+            map, or each logit for ``"classwise"``), e.g. :func:`liptune.bounds.head_bound`;
+            1 trusts the model's constraints.
     """
     mode = _check_mode(mode)
+    if not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"lipschitz must be a finite bound > 0, got {lipschitz!r}")
+    if lipschitz != 1.0:
+        return certificates(outputs, mode) / lipschitz
     if mode == "binary":
         if outputs.dim() not in (1, 2) or (outputs.dim() == 2 and outputs.shape[1] != 1):
             raise ValueError(
@@ -172,6 +180,7 @@ def predict_with_certificates(
     x: Tensor,
     batch_size: int = 1024,
     mode: CertificateMode | None = None,
+    lipschitz: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Logits, predicted classes and certificates of a model on ``x``, in eval mode, no grad.
 
@@ -183,6 +192,7 @@ def predict_with_certificates(
         x: inputs (N, ...).
         batch_size: points per forward pass.
         mode: the certificate mode; default :func:`certificate_mode` of the model.
+        lipschitz: the bound the certificates divide by (see :func:`certificates`).
 
     Returns:
         ``(logits, predictions, radii)``: logits as the model returns them ((N,), (N, 1) or
@@ -207,4 +217,24 @@ def predict_with_certificates(
         predictions = (logits.reshape(-1) > 0).long()
     else:
         predictions = _multiclass_outputs(logits, mode).argmax(dim=1)
-    return logits, predictions, certificates(logits, mode)
+    return logits, predictions, certificates(logits, mode, lipschitz)
+
+
+def verified_predictions(
+    model: nn.Module,
+    x: Tensor,
+    input_shape: Sequence[int],
+    batch_size: int = 1024,
+    mode: CertificateMode | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`predict_with_certificates` with certificates from the model's verified bound.
+
+    The radii are margin / (c · L) with L = :func:`liptune.bounds.head_bound` of ``model`` on
+    inputs of ``input_shape`` (one example): sound whatever the constraints did, larger than
+    the trusting ones when L < 1, smaller when L > 1.
+    """
+    from liptune.bounds import head_bound
+
+    mode = _check_mode(mode) if mode is not None else certificate_mode(model)
+    bound = head_bound(model, input_shape, mode)
+    return predict_with_certificates(model, x, batch_size, mode, lipschitz=bound)
