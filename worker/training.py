@@ -136,6 +136,7 @@ def train_epoch(
     *,
     precision: Precision = "float32",
     check_every: int = DIVERGENCE_CHECK_STEPS,
+    on_progress: Callable[[int, int, int], None] | None = None,
 ) -> float:
     """One pass over ``train`` (already on the model's device) in batches shuffled on that
     device by ``generator`` (one of that device; ``None``: torch's default); the mean training
@@ -146,6 +147,8 @@ def train_epoch(
     (one synchronisation each, the end one also reading the mean). Raises :class:`Diverged`
     naming the first non-finite step and the checked range it was found in; the steps between
     that one and the check have trained a model that is discarded with the trial.
+    ``on_progress(epoch, step, n_steps)`` is called at each of those checks (no extra
+    synchronisation): what ``liptune train`` shows inside a long epoch.
     """
     model.train()
     device = train.x.device
@@ -164,6 +167,8 @@ def train_epoch(
         if step - checked == check_every:
             _check_finite(losses, checked, step, epoch)
             checked = step
+            if on_progress is not None:
+                on_progress(epoch, step, len(batches))
     sizes = torch.full((len(batches),), batch_size, dtype=torch.float32, device=device)
     sizes[-1] = len(batches[-1])
     mean = (losses * sizes).sum() / len(train)
@@ -203,6 +208,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     should_prune: Callable[[dict[str, float]], bool] | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
 ) -> TrainingRun:
     """Train ``model`` (already on ``device``) for ``spec.epochs`` epochs.
 
@@ -212,6 +218,7 @@ def train(
     epoch; when it answers True the run stops with ``cancelled`` set. ``should_prune`` is asked
     with each epoch's record after ``on_epoch`` (not after the last epoch); True ends the run
     with ``pruned_at_epoch``. A NaN or infinite loss stops it with ``failure_reason`` set.
+    ``on_progress`` is passed to :func:`train_epoch`.
     """
     optimizer = make_optimizer(model, spec)
     schedule = make_schedule(optimizer, spec)
@@ -236,6 +243,7 @@ def train(
                     generator,
                     epoch,
                     precision=spec.precision,
+                    on_progress=on_progress,
                 )
         except Diverged as error:
             run.failure_reason = str(error)

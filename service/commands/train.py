@@ -1,8 +1,9 @@
 """``liptune train SPEC``: run one trial from a YAML or JSON :class:`~worker.spec.TrialSpec`.
 
-Prints each epoch, then the final metrics and the MLflow run id. Exit codes: 0 completed,
-1 the trial failed (diverged, or its Lipschitz bound was violated), 2 the spec is invalid or
-cannot run here (missing data set, unknown device...).
+Prints each epoch (inside a long one, every few seconds, the step it is at), then the final
+metrics and the MLflow run id. Exit codes: 0 completed, 1 the trial failed (diverged, or its
+Lipschitz bound was violated), 2 the spec is invalid or cannot run here (missing data set,
+unknown device...).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -96,6 +98,23 @@ def print_epoch(record: dict, epochs: int) -> None:
     print("  ".join(parts), flush=True)
 
 
+class EpochProgress:
+    """Prints ``epoch 3/100  step 400/938`` at most every :attr:`interval_s` seconds inside an
+    epoch, so a long epoch shows it is moving."""
+
+    interval_s = 5.0
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self._last = time.monotonic()
+
+    def __call__(self, epoch: int, step: int, n_steps: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval_s and step < n_steps:
+            print(f"epoch {epoch:>3}/{self.epochs}  step {step}/{n_steps}", flush=True)
+            self._last = now
+
+
 def print_result(result, spec, tracking_uri: str) -> None:
     from worker.spec import metric_key
 
@@ -138,6 +157,7 @@ def execute(spec, args: argparse.Namespace) -> int:
             device=args.device,
             threads=args.threads,
             on_epoch=lambda record: print_epoch(record, spec.training.epochs),
+            on_progress=EpochProgress(spec.training.epochs),
         )
     except (DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
