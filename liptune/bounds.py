@@ -76,6 +76,7 @@ __all__ = [
     "LayerBound",
     "conv_bound",
     "head_bound",
+    "head_constants",
     "layer_bounds",
     "lipschitz_bound",
     "lipschitz_estimate",
@@ -458,13 +459,22 @@ def head_bound(model: nn.Module, input_shape: Sequence[int], mode: str | None = 
     ``nn.Linear`` (in a sequence); the bound of what comes before it times the largest L2 norm
     of the Linear's rows, i.e. a bound of every single logit's constant.
     """
+    return head_constants(model, input_shape, mode, iterations=1)[0]
+
+
+def head_constants(
+    model: nn.Module, input_shape: Sequence[int], mode: str | None = None, iterations: int = 200
+) -> tuple[float, float]:
+    """(:func:`head_bound`, the matching power-iteration estimate) in one pass."""
     mode = mode if mode is not None else getattr(model, "certificate_mode", None)
-    if mode in ("binary", "global"):
-        return lipschitz_bound(model, input_shape)
-    if mode != "classwise":
+    if mode not in ("binary", "global", "classwise"):
         raise ValueError(
             f"certificate mode must be 'binary', 'global' or 'classwise', got {mode!r}"
         )
+    if mode != "classwise":
+        bound, estimate, _ = _walk(model, input_shape, iterations)
+        return bound, estimate
+    example = _example(input_shape)
     exported = vanilla_export(model).double()
     children = list(exported.children()) if isinstance(exported, nn.Sequential) else []
     if not children or not isinstance(children[-1], nn.Linear):
@@ -474,7 +484,7 @@ def head_bound(model: nn.Module, input_shape: Sequence[int], mode: str | None = 
         )
     head = children[-1].weight.detach()
     rows = torch.linalg.vector_norm(head, dim=1).max().item()
-    rows *= 1.0 + _SAFETY * head.shape[1] * _EPS
-    body = nn.Sequential(*children[:-1])
-    body_bound = _Walker(1).walk(body, _example(input_shape), "")[0] if children[:-1] else 1.0
-    return body_bound * rows
+    body_bound, body_estimate, _ = _Walker(iterations).walk(
+        nn.Sequential(*children[:-1]), example, ""
+    )
+    return body_bound * rows * (1.0 + _SAFETY * head.shape[1] * _EPS), body_estimate * rows

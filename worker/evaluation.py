@@ -44,12 +44,18 @@ class Predictions:
 
 
 def predict(
-    model: nn.Module, x: Tensor, y: Tensor, mode: str, batch_size: int = EVAL_BATCH_SIZE
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    batch_size: int = EVAL_BATCH_SIZE,
+    lipschitz: float = 1.0,
 ) -> Predictions:
     """Logits, correctness and certificates of ``model`` (on its device) for inputs ``x``
-    (N, ...) and labels ``y`` (N,) int64."""
+    (N, ...) and labels ``y`` (N,) int64; the certificates divide by ``lipschitz``, the
+    guaranteed bound of what the head promises (1 during training, trusting the layers)."""
     logits, predicted, radii = certify.predict_with_certificates(
-        model, x, batch_size=batch_size, mode=mode
+        model, x, batch_size=batch_size, mode=mode, lipschitz=lipschitz
     )
     return Predictions(logits.cpu(), (predicted.cpu() == y.cpu()), radii.cpu())
 

@@ -492,6 +492,8 @@ def _result_record(result: TrialResult) -> TrialRecord:
         certificate_mode=result.certificate_mode,
         mlflow_run_id=result.run_id,
         model_uri=result.model_uri,
+        lipschitz_bound=result.metrics.get("lipschitz_bound"),
+        lipschitz_estimate=result.metrics.get("lipschitz_estimate"),
     )
 
 
