@@ -104,6 +104,7 @@ def run_trial(
     should_stop: Callable[[], bool] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     should_prune: Callable[[dict], bool] | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
     data_roots: list[Path] | None = None,
     device: str | None = None,
     threads: int | None = None,
@@ -118,6 +119,7 @@ def run_trial(
         should_stop: asked before every epoch; True cancels the trial.
         on_epoch: called with each epoch's record.
         should_prune: asked with each epoch's record after ``on_epoch``; True prunes the trial.
+        on_progress: called as ``(epoch, step, n_steps)`` every few dozen steps of an epoch.
         data_roots: directories data may be read from; default those of the data directory.
         device: overrides ``spec.training.device``.
         threads: overrides ``spec.training.threads`` (torch's intra-op threads, restored after).
@@ -149,6 +151,7 @@ def run_trial(
                 should_stop=should_stop,
                 on_epoch=on_epoch,
                 should_prune=should_prune,
+                on_progress=on_progress,
             )
         result = TrialResult(
             status="completed", epochs=run.epochs, certificate_mode=mode, timings=timings
