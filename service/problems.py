@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker.retry import store_unreachable
+
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 #: Problem types are documented on this page of the API docs (an anchor per ``type``).
 TYPE_BASE = "/docs#problem-"
@@ -141,24 +143,6 @@ async def _on_http_error(_request: Request, error: HTTPException) -> Response:
 
 #: Seconds a client is asked to wait before retrying while a store is unreachable.
 RETRY_AFTER_S = 5
-
-
-def store_unreachable(error: BaseException) -> bool:
-    """Whether ``error`` says a database could not be reached or dropped the connection (or
-    SQLite's file is locked past its timeout), as opposed to a bug or a bad query."""
-    while error is not None:
-        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
-            return True
-        if isinstance(
-            error,
-            sqlalchemy.exc.OperationalError
-            | sqlalchemy.exc.InterfaceError
-            | sqlalchemy.exc.DisconnectionError
-            | sqlalchemy.exc.TimeoutError,
-        ):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 async def _on_store_error(request: Request, error: Exception) -> Response:

@@ -1,5 +1,7 @@
-"""The API while its PostgreSQL is down: 503 with Retry-After (problem+json), never a 500, and
-itself again once the database is back.
+"""Store outages: the API while its PostgreSQL is down answers 503 with Retry-After
+(problem+json), never a 500, and is itself again once the database is back; a real
+`liptune worker` whose PostgreSQL restarts mid-study rides it out and completes the budget
+exactly.
 
 The local cluster is really stopped (``pg_ctlcluster``) for a few seconds; the test waits until
 it accepts connections again before it ends, whatever happens.
@@ -13,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import psycopg2
 import pytest
 import sqlalchemy as sa
@@ -107,3 +110,37 @@ def test_the_api_answers_503_while_postgres_is_down(
     assert back.json()["n_trials"] == DIGITS_SPEC["n_trials"]
     listed = client.get("/studies").json()["items"]
     assert [study["id"] for study in listed] == [study_id]
+
+
+def test_a_worker_rides_out_a_postgres_restart_mid_study(
+    postgres_url: str, tiny_study_spec, worker_processes, postgres_down
+):
+    from optuna.trial import TrialState
+
+    from tests.test_workers import claim_rows, new_study, trials_in
+
+    n_trials = 3
+    spec = tiny_study_spec(n_trials=n_trials, training={"epochs": 3, "batch_size": 64, "lr": 0.01})
+    study_id, study = new_study(postgres_url, spec)
+    process = worker_processes.start(
+        postgres_url, "--once", "--mlflow", "none", "--heartbeat-interval", "1"
+    )
+    deadline = time.monotonic() + 120
+    while not trials_in(study, TrialState.RUNNING):
+        assert process.poll() is None, worker_processes.log("w0")
+        assert time.monotonic() < deadline, "no trial started"
+        time.sleep(0.2)
+    subprocess.run([*CLUSTER, "restart", "-m", "fast"], check=True, timeout=60)
+    wait_for_postgres()
+    assert process.wait(timeout=300) == 0, worker_processes.log("w0")
+    log = worker_processes.log("w0")
+    assert "store unreachable" in log, log[-3000:]
+    # A fresh storage: this process's pooled connections died with the restart.
+    study = optuna.load_study(study_name=study.study_name, storage=postgres_url)
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == n_trials, log[-3000:]
+    assert study.user_attrs["liptune.status"] == "completed"
+    rows = claim_rows(postgres_url, study_id)
+    assert sorted(row.trial_number for row in rows if row.state == "complete") == sorted(
+        t.number for t in complete
+    )

@@ -50,6 +50,7 @@ from worker.claims import Claim
 from worker.devices import study_memory_bytes
 from worker.pruning import MOASHA
 from worker.record import TrialRecord
+from worker.retry import retrying
 from worker.samplers import build_sampler, worker_seed
 from worker.search_space import enqueue, suggest_params, trial_params
 from worker.spec import StudySpec
@@ -154,10 +155,13 @@ class Worker:
 
     def __init__(self, options: WorkerOptions) -> None:
         self.options = options
-        self.store = StudyStore(
-            options.storage_url,
-            heartbeat_interval=options.heartbeat_interval,
-            grace_period=options.grace_period,
+        # Every storage operation rides out a database outage (worker.retry).
+        self.store = retrying(
+            StudyStore(
+                options.storage_url,
+                heartbeat_interval=options.heartbeat_interval,
+                grace_period=options.grace_period,
+            )
         )
         self.store.require_schema()
         self.trials_run = 0

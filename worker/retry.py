@@ -1,0 +1,123 @@
+"""Riding out store outages: retry a storage operation with back-off while the database is away.
+
+A worker's loop is a sequence of storage operations (claim, attach, heartbeat, tell, status
+polls, ...), each one method of :class:`worker.store.StudyStore`. :func:`retrying` wraps every
+such method of a store: when a call fails because the database cannot be reached (a refused or
+dropped connection, SQLite's lock timeout; :func:`store_unreachable`), it is logged and tried
+again after a back-off doubling from :attr:`RetryPolicy.initial_s` to :attr:`RetryPolicy.max_s`,
+until :attr:`RetryPolicy.deadline_s` has passed; then the error is raised. Any other error is
+raised at once (a bug is not an outage). So a PostgreSQL restart of a few seconds delays a trial
+but loses nothing: its result is told when the store is back.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy.exc
+
+logger = logging.getLogger("liptune.worker")
+T = TypeVar("T")
+
+
+def store_unreachable(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) says a database could not be reached or dropped
+    the connection, or SQLite's file stayed locked past its timeout, as opposed to a bug or a
+    bad query. Optuna wraps SQLAlchemy's errors in ``StorageInternalError``: the cause counts."""
+    while error is not None:
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(
+            error,
+            sqlalchemy.exc.OperationalError
+            | sqlalchemy.exc.InterfaceError
+            | sqlalchemy.exc.DisconnectionError
+            | sqlalchemy.exc.TimeoutError,
+        ):
+            return True
+        if not isinstance(
+            error, optuna.exceptions.StorageInternalError | sqlalchemy.exc.SQLAlchemyError
+        ):
+            return False
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Back-off doubling from ``initial_s`` to ``max_s``; give up after ``deadline_s``."""
+
+    initial_s: float = 0.5
+    max_s: float = 10.0
+    deadline_s: float = 600.0
+
+    def call(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``operation(*args, **kwargs)``, retried while the store is unreachable."""
+        deadline = time.monotonic() + self.deadline_s
+        delay = self.initial_s
+        attempt = 1
+        while True:
+            try:
+                return operation(*args, **kwargs)
+            except Exception as error:
+                if not store_unreachable(error) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "store unreachable in %s (attempt %d), retrying in %.1f s: %s",
+                    getattr(operation, "__name__", "a storage operation"),
+                    attempt,
+                    delay,
+                    str(error).splitlines()[0],
+                )
+            time.sleep(delay)
+            delay = min(self.max_s, 2 * delay)
+            attempt += 1
+
+
+#: The store's operations that :func:`retrying` wraps (every method that reads or writes it).
+STORE_OPERATIONS = (
+    "require_schema",
+    "load_study",
+    "running_studies",
+    "liptune_studies",
+    "optuna_study_id",
+    "study_status",
+    "study_status_by_id",
+    "claim",
+    "attach",
+    "heartbeat",
+    "finish_claim",
+    "claim_counts",
+    "free_stale_claims",
+    "live_trial_ids",
+    "studies_with_running_claims",
+    "heartbeat_ages",
+    "get_trial",
+    "write_record",
+    "tell",
+    "prune",
+    "epoch_records",
+    "fail",
+    "fail_trial_id",
+    "running_trial_ids",
+    "trials_since",
+    "trial_state_counts",
+)
+
+
+def retrying(store: T, policy: RetryPolicy | None = None) -> T:
+    """``store`` with each of its :data:`STORE_OPERATIONS` retried under ``policy`` (the
+    instance's methods are replaced; the object stays the same)."""
+    policy = policy or RetryPolicy()
+    for name in STORE_OPERATIONS:
+        method = getattr(store, name, None)
+        if method is None:
+            continue
+        setattr(store, name, functools.wraps(method)(functools.partial(policy.call, method)))
+    return store
