@@ -60,17 +60,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="logging level (default: info)")
 
 
+def worker_env(settings: Settings, threads: int) -> dict[str, str]:
+    """The embedded workers' environment: the store URLs travel here, never on the command
+    line (which every user of the machine can read), since they may hold passwords."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "LIPTUNE_STORAGE_URL": settings.resolved_storage_url(),
+        "LIPTUNE_MLFLOW_URI": settings.resolved_mlflow_uri(),
+    }
+
+
 def worker_command(settings: Settings, index: int, threads: int) -> list[str]:
-    """The command line of the ``index``-th embedded worker."""
+    """The command line of the ``index``-th embedded worker (stores: :func:`worker_env`)."""
     command = [
         sys.executable,
         "-m",
         "service.cli",
         "worker",
-        "--storage",
-        settings.resolved_storage_url(),
-        "--mlflow",
-        settings.resolved_mlflow_uri(),
         "--data-dir",
         str(settings.resolved_home()),
         "--threads",
@@ -221,7 +228,7 @@ def start_workers(settings: Settings) -> Supervisor:
         threads = max(1, (os.cpu_count() or 1) // settings.workers)
         logs = settings.resolved_home() / "logs"
         logs.mkdir(exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = worker_env(settings, threads)
         slots = [
             WorkerSlot(
                 index, worker_command(settings, index, threads), env, logs / f"worker-{index}.log"

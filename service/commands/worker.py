@@ -49,14 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         metavar="URL",
-        help="Optuna/service database: sqlite:///FILE or postgresql://... "
-        "(default: sqlite:///DATA_DIR/liptune.db)",
+        help="Optuna/service database: sqlite:///FILE or postgresql://... (default: "
+        "$LIPTUNE_STORAGE_URL, else sqlite:///DATA_DIR/liptune.db; prefer the variable for a "
+        "URL with a password: command lines are visible to every user of the machine)",
     )
     parser.add_argument(
         "--mlflow",
         metavar="URI",
         help="MLflow tracking URI, or `none` to record results in the study only "
-        "(default: sqlite:///DATA_DIR/mlflow.db, artifacts in DATA_DIR/mlartifacts)",
+        "(default: $LIPTUNE_MLFLOW_URI, else sqlite:///DATA_DIR/mlflow.db, artifacts in "
+        "DATA_DIR/mlartifacts)",
     )
     parser.add_argument(
         "--data-dir", metavar="DIR", help="data directory (default: $LIPTUNE_HOME or ~/.liptune)"
@@ -137,15 +139,17 @@ def run(args: argparse.Namespace) -> int:
     from worker.tracking import TrackingConfig
 
     home = liptune_home(args.data_dir)
+    storage = args.storage or os.environ.get("LIPTUNE_STORAGE_URL")
+    mlflow_uri = args.mlflow or os.environ.get("LIPTUNE_MLFLOW_URI")
     tracking: TrackingConfig | None
-    if args.mlflow is None:
+    if mlflow_uri is None:
         tracking = TrackingConfig.for_home(home)
-    elif args.mlflow.lower() == "none":
+    elif mlflow_uri.lower() == "none":
         tracking = None
-    elif _is_local_store(args.mlflow):
-        tracking = TrackingConfig(args.mlflow, default_artifact_root(home))
+    elif _is_local_store(mlflow_uri):
+        tracking = TrackingConfig(mlflow_uri, default_artifact_root(home))
     else:
-        tracking = TrackingConfig(args.mlflow)
+        tracking = TrackingConfig(mlflow_uri)
     budget = args.memory_budget * 2**20 if args.memory_budget else None
     if args.trials_per_device > 1:
         from worker.devices import run_processes, trial_budget_bytes
@@ -163,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     options = WorkerOptions(
-        storage_url=args.storage or default_storage_url(home),
+        storage_url=storage or default_storage_url(home),
         tracking=tracking,
         data_roots=args.data_root or default_data_roots(home),
         device=args.device,
