@@ -127,20 +127,40 @@ def test_should_stop_cancels_between_epochs():
     assert len(result.epochs) == 2 and result.metrics == {}
 
 
-def test_a_model_whose_bound_exceeds_one_is_never_a_result():
-    spec = digits_spec()
-    splits = load_dataset(spec.dataset, data_roots=[], seed=0)
-    linear = torch.nn.Linear(64, 10)
-    with torch.no_grad():
-        linear.weight.copy_(torch.linalg.qr(torch.randn(64, 10)).Q.T * 1.01)
+def _scaled_linear_model(scale: float):
     from liptune.nn import LipschitzSequential
 
-    model = LipschitzSequential(torch.nn.Flatten(), linear, certificate_mode="global")
+    linear = torch.nn.Linear(64, 10)
+    with torch.no_grad():
+        linear.weight.copy_(torch.linalg.qr(torch.randn(64, 10)).Q.T * scale)
+    return LipschitzSequential(torch.nn.Flatten(), linear, certificate_mode="global")
+
+
+def test_a_model_whose_bound_is_clearly_above_one_is_never_a_result():
+    spec = digits_spec()
+    splits = load_dataset(spec.dataset, data_roots=[], seed=0)
     result = TrialResult(status="completed", certificate_mode="global")
-    _finish(result, model, splits, spec, TrainingRun(), torch.device("cpu"))
+    _finish(result, _scaled_linear_model(1.05), splits, spec, TrainingRun(), torch.device("cpu"))
     assert result.status == "failed"
-    assert "1.010000 > 1 + 0.001" in result.failure_reason
+    assert "1.050000 > 1 + 0.01" in result.failure_reason
     assert result.metrics == {} and result.model is None
+
+
+def test_a_bound_a_hair_above_one_shrinks_the_certificates():
+    from liptune import certify
+
+    spec = digits_spec()
+    splits = load_dataset(spec.dataset, data_roots=[], seed=0)
+    result = TrialResult(status="completed", certificate_mode="global")
+    test = _finish(
+        result, _scaled_linear_model(1.005), splits, spec, TrainingRun(), torch.device("cpu")
+    )
+    assert result.status == "completed"
+    bound = result.metrics["lipschitz_bound"]
+    assert bound == pytest.approx(1.005, rel=1e-6)
+    assert result.metrics["lipschitz_estimate"] <= bound
+    trusting = certify.certificates(test.logits, "global")
+    assert torch.allclose(test.radii, trusting / bound)
 
 
 def test_configuration_errors_raise_before_training():

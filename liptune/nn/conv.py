@@ -5,7 +5,8 @@ spectrally normalised and orthonormalised like :class:`~liptune.nn.SpectralLinea
 multiplied by :math:`1/\sqrt{\lceil kh/sh \rceil \lceil kw/sw \rceil}`. Each input pixel is
 seen by at most :math:`\lceil kh/sh \rceil \lceil kw/sw \rceil` output positions, so
 :math:`\|\mathrm{conv}\|_2 \le \sqrt{\lceil kh/sh \rceil \lceil kw/sw \rceil}\,\|W\|_2`, and
-the scaled layer is 1-Lipschitz for zero and circular padding alike.
+the scaled layer is 1-Lipschitz for zero and circular padding alike (circular padding at most
+the kernel's half-width: more would wrap the image around twice and is refused).
 """
 
 import math
@@ -73,6 +74,16 @@ class SpectralConv2d(nn.Conv2d):
                 isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in paddings
             ):
                 raise ValueError(f"padding must be integers >= 0, got {padding!r}")
+            if padding_mode == "circular":
+                for axis, p, k in zip(("height", "width"), paddings, kernel, strict=True):
+                    if 2 * p > k - 1:
+                        # The padded image would hold the wrap-around twice: repeated output
+                        # rows, norms up to ~1.4 measured for kernel 3, padding 2.
+                        raise ValueError(
+                            f"circular padding {p} along the {axis} exceeds (k - 1) / 2 for "
+                            f"kernel size {k}: the layer would not be 1-Lipschitz; use padding "
+                            f'<= {(k - 1) // 2} or "same"'
+                        )
         super().__init__(
             in_channels,
             out_channels,

@@ -5,9 +5,12 @@ it maps the free parameter ``weight`` to a constrained weight, differentiably.
 
 In training mode the constrained weight is recomputed at every access (it follows the
 optimizer). In eval mode it is computed once and cached: the cache is dropped when the module
-goes back to ``train()``, when ``load_state_dict`` loads into it, and when the free weight or a
-buffer is changed in place (an optimizer step or a ``copy_``), which is detected through the
-tensors' version counters.
+goes back to ``train()``, when ``load_state_dict`` loads into it, and whenever the free weight
+or a buffer differs in value from what the cache was computed from (an optimizer step, a
+``copy_``, an edit through ``.data``): each eval access compares them (one pass over the
+weight, far cheaper than the constraint; on an accelerator it reads one flag back).
+
+Float16/bfloat16 weights are constrained in float32 and the result cast back.
 """
 
 import contextlib
@@ -89,23 +92,35 @@ class CachedParametrization(nn.Module):
         """Map the free ``weight`` to the constrained weight (differentiable)."""
         raise NotImplementedError
 
-    def _state_key(self, weight: Tensor) -> tuple:
-        tensors = (weight, *self.buffers(recurse=False))
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    def _state(self, weight: Tensor) -> tuple[Tensor, ...]:
+        return (weight, *self.buffers(recurse=False))
+
+    def _cache_valid(self, weight: Tensor) -> bool:
+        if self._cache is None or self._cache_key is None:
+            return False
+        # Compared by value: an in-place edit through ``.data`` bumps no version counter.
+        return len(self._cache_key) == len(self._state(weight)) and all(
+            t.shape == c.shape and t.dtype == c.dtype and t.device == c.device and torch.equal(t, c)
+            for t, c in zip(self._state(weight), self._cache_key, strict=True)
+        )
 
     def forward(self, weight: Tensor) -> Tensor:
-        # The constraint is computed in the weight's own dtype even under autocast: a bf16
-        # Björck iteration leaves singular values visibly above 1.
-        with _without_autocast(weight.device.type):
+        # The constraint is computed in float32 at least, whatever the weight's dtype and any
+        # autocast: a float16/bfloat16 Björck iteration leaves singular values visibly above 1.
+        with torch.autocast(weight.device.type, enabled=False):
             if self.training:
                 self._cache = None
-                return self.constrain(weight)
-            key = self._state_key(weight)
-            if self._cache is None or key != self._cache_key:
+                return self._constrain_wide(weight)
+            if not self._cache_valid(weight):
                 with torch.no_grad():
-                    self._cache = self.constrain(weight)
-                self._cache_key = key
+                    self._cache = self._constrain_wide(weight)
+                self._cache_key = tuple(t.detach().clone() for t in self._state(weight))
             return self._cache
+
+    def _constrain_wide(self, weight: Tensor) -> Tensor:
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            return self.constrain(weight.float()).to(weight.dtype)
+        return self.constrain(weight)
 
     def train(self, mode: bool = True) -> "CachedParametrization":
         self._cache = None
@@ -136,7 +151,8 @@ class BjorckSpectral(CachedParametrization):
     Args:
         weight: the initial free weight (sets the shapes and warms up ``u`` and ``v``).
         power_iterations: power-iteration steps per training-mode access, >= 1.
-        bjorck_iterations: maximum Björck steps; 0 means spectral normalisation only.
+        bjorck_iterations: maximum Björck steps; 0 means spectral normalisation only, by the
+            exact largest singular value (an SVD per access) rather than the power iteration.
         bjorck_tolerance: stop Björck once :math:`\|W W^\top - I\|_F` is below it.
         scale: a constant factor applied last (the conv layers' overlap bound).
     """
@@ -169,6 +185,7 @@ class BjorckSpectral(CachedParametrization):
     @torch.no_grad()
     def _power_iterate(self, matrix: Tensor, iterations: int) -> None:
         u, v = self.u, self.v
+        matrix = matrix.to(u.dtype)
         for _ in range(iterations):
             v = nn.functional.normalize(matrix.mT @ u, dim=0, out=v)
             u = nn.functional.normalize(matrix @ v, dim=0, out=u)
@@ -178,8 +195,14 @@ class BjorckSpectral(CachedParametrization):
         if self.training:
             self._power_iterate(matrix.detach(), self.power_iterations)
         # Clones: a later training-mode access updates u and v in place while this graph lives.
-        sigma = torch.dot(self.u.clone(), matrix @ self.v.clone())
-        if self.bjorck_iterations:
+        u, v = self.u.clone().to(matrix.dtype), self.v.clone().to(matrix.dtype)
+        sigma = torch.dot(u, matrix @ v)
+        if not self.bjorck_iterations:
+            # Spectral normalisation only: the power-iteration value is a lower estimate with
+            # no guard (stale after an overwrite, behind after optimizer steps); the exact
+            # largest singular value guarantees ||W / sigma||_2 <= 1 (up to rounding).
+            sigma = torch.linalg.matrix_norm(matrix, 2)
+        else:
             # Björck diverges for singular values above sqrt(3). The power-iteration estimate
             # is a lower bound of the largest one; ||W||_F is an upper bound, so dividing by at
             # least ||W||_F / 1.7 keeps every singular value below 1.7 even when the
