@@ -44,7 +44,7 @@ class Server:
         self.statuses: list[int] = []
         self.client = httpx.Client(
             base_url=f"http://127.0.0.1:{self.port}",
-            timeout=30,
+            timeout=90,
             event_hooks={"response": [lambda response: self.statuses.append(response.status_code)]},
         )
 
