@@ -107,7 +107,7 @@ class CachedParametrization(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         # The constraint is computed in float32 at least, whatever the weight's dtype and any
         # autocast: a float16/bfloat16 Björck iteration leaves singular values visibly above 1.
-        with torch.autocast(weight.device.type, enabled=False):
+        with _without_autocast(weight.device.type):
             if self.training:
                 self._cache = None
                 return self._constrain_wide(weight)
