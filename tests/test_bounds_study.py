@@ -30,3 +30,5 @@ def test_a_classwise_study_completes_with_bounds_recorded(
         assert record.failure_reason is None
         # Each logit's guaranteed bound, at most 1 + the gate's tolerance; estimate below it.
         assert 0 < record.lipschitz_estimate <= record.lipschitz_bound <= 1.01
+        assert record.attack is not None and record.attack.points > 0
+        assert record.attack.violations == 0

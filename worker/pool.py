@@ -498,6 +498,7 @@ def _result_record(result: TrialResult) -> TrialRecord:
         model_uri=result.model_uri,
         lipschitz_bound=result.metrics.get("lipschitz_bound"),
         lipschitz_estimate=result.metrics.get("lipschitz_estimate"),
+        attack=result.attack,
     )
 
 

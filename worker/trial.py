@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from liptune.attacks import certificate_check, minimal_l2_attack
 from liptune.bounds import head_constants
 from liptune.export import export_onnx, vanilla_export
 from worker import tracking
@@ -52,9 +53,13 @@ from worker.losses import build_loss
 from worker.models import build_model
 from worker.paths import default_data_roots, liptune_home
 from worker.radii import RadiiSummary
+from worker.record import AttackSummary
 from worker.spec import FAMILY_PARAMS, TrialSpec
 from worker.training import TrainingRun, full_precision, resolve_device, train
 
+#: Correctly classified test points each completed trial's certificates are attacked on.
+ATTACK_POINTS = 100
+_log = logging.getLogger(__name__)
 #: A model whose guaranteed bound L (of what its head promises) exceeds 1 + this is failed.
 #: Below it the certificates stay sound whatever L is (they divide by L); above it the layers'
 #: constraints evidently did not hold (rounding and Björck's tolerance stay far below 1 %), so
@@ -78,8 +83,9 @@ class TrialResult:
     ``val_accuracy``, ``val_certified_accuracy_eps_{e}``, ``lr``, ``seconds``); ``radii``
     summarises the test split's certificates; ``model`` is the exported (plain, picklable)
     model on the CPU; ``timings`` the seconds spent in each phase (``data``, ``training``,
-    ``export``, ``lipschitz_bound``, ``evaluation``, ``pgd``, ``tracking`` which includes
-    ``onnx``).
+    ``export``, ``lipschitz_bound``, ``evaluation``, ``attack``, ``pgd``, ``tracking`` which
+    includes ``onnx``); ``attack`` checks the certificates of ``ATTACK_POINTS`` correctly
+    classified test points with a minimal-norm attack (violations must be 0).
     """
 
     status: Status
@@ -87,6 +93,7 @@ class TrialResult:
     epochs: list[dict[str, float]] = field(default_factory=list)
     radii: RadiiSummary | None = None
     certificate_mode: str | None = None
+    attack: AttackSummary | None = None
     failure_reason: str | None = None
     run_id: str | None = None
     model_uri: str | None = None
@@ -202,6 +209,16 @@ def _finish(
         )
         metrics = accuracy_metrics(test, spec.eps)
         metrics.update(robustness_metrics(test, splits.test.y, result.certificate_mode))
+    with _timed(timings, "attack"):
+        result.attack = _attack_certificates(exported, splits, test, spec.seed)
+    if result.attack.violations:
+        _log.error(
+            "%s: %d of %d attacked test points have an adversarial example closer than their "
+            "certificate: the bound does not hold",
+            spec.name,
+            result.attack.violations,
+            result.attack.points,
+        )
     if spec.pgd is not None:
         with _timed(timings, "pgd"):
             metrics.update(
@@ -217,6 +234,20 @@ def _finish(
     result.radii = test.summary()
     result.model = exported.cpu()
     return test
+
+
+def _attack_certificates(
+    model: nn.Module, splits: DataSplits, test: Predictions, seed: int
+) -> AttackSummary:
+    """:func:`liptune.attacks.minimal_l2_attack` on a seeded sample of ``ATTACK_POINTS``
+    correctly classified test points, compared with their certificates."""
+    correct = test.correct.nonzero().flatten()
+    generator = torch.Generator().manual_seed(seed)
+    sample = correct[torch.randperm(len(correct), generator=generator)[:ATTACK_POINTS]]
+    if len(sample) == 0:
+        return AttackSummary(points=0, violations=0)
+    distances = minimal_l2_attack(model, splits.test.x[sample], splits.test.y[sample])
+    return AttackSummary(**certificate_check(test.radii[sample], distances))
 
 
 def _run_params(spec: TrialSpec) -> dict[str, str]:
