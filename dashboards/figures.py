@@ -449,6 +449,107 @@ def radii_histogram_figure(
     return figure
 
 
+# --------------------------------------------------------------------------- attack check
+
+#: Colour of the attacked points whose certificate the attack broke.
+VIOLATION_COLOR = "#DC2626"
+
+
+def certificate_tightness_figure(
+    pairs: Sequence[tuple[float, float | None]],
+    *,
+    tightness: Mapping[str, float | None] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Certified radius against the adversarial distance a minimal-norm attack found, one marker
+    per attacked test point, with the diagonal y = x.
+
+    A sound certificate lies on or below the diagonal (radius <= distance); a point above it
+    (role ``"violation"``, red) is a broken certificate. Points where the attack found no
+    adversarial example (distance ``None``) cannot be placed and are counted in the annotation.
+
+    Args:
+        pairs: ``(certified radius, adversarial distance)`` per attacked point.
+        tightness: ``tightness_median``/``_p10``/``_p90`` of radius / distance, shown in the
+            annotation when given.
+    """
+    if not pairs:
+        return empty_figure(
+            "No attack check is stored for this trial (it runs on completed trials).", title=title
+        )
+    found = [(float(r), float(d)) for r, d in pairs if d is not None]
+    missed = len(pairs) - len(found)
+    sound = [(r, d) for r, d in found if d >= r]
+    broken = [(r, d) for r, d in found if d < r]
+    upper = max([0.0, *(max(r, d) for r, d in found)]) * 1.05 or 1.0
+    hover = "adversarial distance %{x:.4f}<br>certified radius %{y:.4f}<extra></extra>"
+    data = [
+        go.Scatter(
+            x=[0.0, upper],
+            y=[0.0, upper],
+            mode="lines",
+            name="radius = distance",
+            meta={"role": "diagonal"},
+            line={"color": ACCENT_COLOR, "dash": "dash", "width": 1},
+            hoverinfo="skip",
+        ),
+        go.Scatter(
+            x=[d for _, d in sound],
+            y=[r for r, _ in sound],
+            mode="markers",
+            name="certificate holds",
+            meta={"role": "attacked"},
+            marker={"color": FAMILY_COLORS["hkr"], "size": 7, "opacity": 0.8},
+            hovertemplate=hover,
+        ),
+    ]
+    if broken:
+        data.append(
+            go.Scatter(
+                x=[d for _, d in broken],
+                y=[r for r, _ in broken],
+                mode="markers",
+                name="certificate broken",
+                meta={"role": "violation"},
+                marker={"color": VIOLATION_COLOR, "size": 10, "symbol": "x"},
+                hovertemplate=hover,
+            )
+        )
+    layout = _layout(title, "adversarial distance (L2, minimal-norm attack)", "certified radius")
+    layout["xaxis"] = {**layout["xaxis"], "range": [0.0, upper]}
+    layout["yaxis"] = {**layout["yaxis"], "range": [0.0, upper]}
+    words = [f"{len(pairs)} attacked points", f"{len(broken)} broken"]
+    if missed:
+        words.append(f"{missed} without an adversarial example (not drawn)")
+    quantiles = [
+        f"{name} {tightness[key]:.3f}"
+        for name, key in (
+            ("p10", "tightness_p10"),
+            ("median", "tightness_median"),
+            ("p90", "tightness_p90"),
+        )
+        if tightness and tightness.get(key) is not None
+    ]
+    if quantiles:
+        words.append("radius / distance: " + ", ".join(quantiles))
+    layout["meta"] = {"points": len(pairs), "violations": len(broken), "missed": missed}
+    layout["annotations"] = [
+        {
+            "text": "; ".join(words),
+            "xref": "paper",
+            "yref": "paper",
+            "x": 0,
+            "y": 1.0,
+            "xanchor": "left",
+            "yanchor": "bottom",
+            "showarrow": False,
+            "font": {"size": 12, "color": VIOLATION_COLOR if broken else "#4B5563"},
+        }
+    ]
+    layout["margin"] = {**layout["margin"], "t": 56}
+    return go.Figure(data=data, layout=layout)
+
+
 # --------------------------------------------------------------------------- training
 
 

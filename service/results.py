@@ -83,7 +83,10 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
     ``model_uri``, ``started_at``/``completed_at`` (ISO 8601), ``duration_s``, ``retry_of``,
     ``epochs_trained``, ``pruned_at_epoch`` (the epoch after which the pruner stopped it) and
     ``values_reached`` (a pruned trial's validation metrics at that epoch, by metric key, with
-    ``training_time`` so far; ``None`` for other trials).
+    ``training_time`` so far; ``None`` for other trials), ``attack`` (the attack check of its
+    certificates: ``points``, ``violations``, ``tightness_median``/``_p10``/``_p90``; ``None``
+    when none ran) and ``certificate_violations`` (the attack's ``violations``: > 0 means a
+    certificate was broken).
     """
     stored = TrialRecord.read(
         frozen_trial,
@@ -94,6 +97,7 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
         "retry_of",
         "epochs",
         "pruned_at_epoch",
+        "attack",
     )
     state = frozen_trial.state.name
     family = frozen_trial.params.get("loss")
@@ -129,6 +133,8 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
         "epochs_trained": len(stored.epochs),
         "pruned_at_epoch": stored.pruned_at_epoch,
         "values_reached": _values_reached(stored.epochs) if state == "PRUNED" else None,
+        "attack": stored.attack.summary() if stored.attack is not None else None,
+        "certificate_violations": stored.attack.violations if stored.attack is not None else None,
     }
 
 

@@ -63,6 +63,21 @@ class Problem(_Schema):
     )
 
 
+class AttackCheck(_Schema):
+    """The check of a trial's certificates by a minimal-norm L2 attack on correct test points."""
+
+    points: int = Field(description="Correctly classified test points attacked.")
+    violations: int = Field(
+        description="Points with an adversarial example closer than their certified radius: "
+        "broken certificates, must be 0."
+    )
+    tightness_median: float | None = Field(
+        description="Median of certified radius / adversarial distance (1 = tight)."
+    )
+    tightness_p10: float | None
+    tightness_p90: float | None
+
+
 class TrialRecord(_Schema):
     number: int
     state: TrialStateName
@@ -86,10 +101,22 @@ class TrialRecord(_Schema):
     values_reached: dict[str, Number] | None = Field(
         description="PRUNED trials: validation metrics at that epoch, by metric key."
     )
+    attack: AttackCheck | None = Field(
+        default=None, description="COMPLETE trials: the attack check of the certificates."
+    )
+    certificate_violations: int | None = Field(
+        default=None,
+        description="The attack's violations; > 0 flags certificates the attack broke.",
+    )
 
 
 class TrialDetail(TrialRecord):
     epochs: list[dict[str, Any]] = Field(description="Per-epoch training log.")
+    attack_pairs: list[tuple[float, float | None]] = Field(
+        default_factory=list,
+        description="(certified radius, adversarial distance) of each attacked point; "
+        "distance null where no adversarial example was found.",
+    )
     certificate_mode: str | None
     worker: str | None
 

@@ -281,3 +281,28 @@ def test_parallel_coordinates_show_each_parameter_and_the_objective():
     assert labels[0] == "mean radius"
     assert {"loss", "margin", "alpha_kr", "temperature"} <= set(labels)
     assert figures.is_empty(study_figures.parallel_coordinate_figure(conditional_study(1), 0, "a"))
+
+
+# --------------------------------------------------------------------------- attack check
+
+
+def test_attack_figure_puts_sound_points_below_the_diagonal_and_marks_broken_ones():
+    pairs = [(0.2, 0.5), (0.3, 0.3), (0.6, 0.4), (0.1, None)]
+    fig = figures.certificate_tightness_figure(
+        pairs, tightness={"tightness_median": 0.75, "tightness_p10": 0.5, "tightness_p90": 1.4}
+    )
+    (diagonal,) = traces_with_role(fig, "diagonal")
+    assert list(diagonal.x) == list(diagonal.y) and diagonal.x[1] >= 0.6
+    (sound,) = traces_with_role(fig, "attacked")
+    assert list(zip(sound.x, sound.y, strict=True)) == [(0.5, 0.2), (0.3, 0.3)]
+    (broken,) = traces_with_role(fig, "violation")
+    assert (list(broken.x), list(broken.y)) == ([0.4], [0.6])
+    assert fig.layout.meta == {"points": 4, "violations": 1, "missed": 1}
+    text = fig.layout.annotations[0].text
+    assert "1 broken" in text and "median 0.750" in text and "1 without an adversarial" in text
+
+
+def test_attack_figure_without_pairs_explains_itself():
+    fig = figures.certificate_tightness_figure([])
+    assert figures.is_empty(fig) and "No attack check" in fig.layout.meta["empty"]
+    assert traces_with_role(figures.certificate_tightness_figure([(0.1, 0.2)]), "violation") == []

@@ -27,7 +27,9 @@ def test_record_round_trips_through_optuna_storage(tmp_path):
         pruned_at_epoch=2,
         lipschitz_bound=1.0001,
         lipschitz_estimate=0.99,
-        attack=AttackSummary(points=64, violations=0, tightness_median=0.7),
+        attack=AttackSummary(
+            points=2, violations=0, tightness_median=0.7, pairs=((0.2, 0.3), (0.1, None))
+        ),
     )
     record.write(trial)
     study.tell(trial, 1.0)

@@ -32,6 +32,9 @@ class AttackSummary:
     ``points`` test points were attacked; ``violations`` of them were broken at a distance
     below their certified radius (must be 0); ``tightness_*`` are quantiles of
     radius / adversarial distance over the attacked points (``None`` when none was broken).
+    ``pairs`` holds ``(certified radius, adversarial distance)`` of each attacked point
+    (distance ``None`` where the attack found no adversarial example), what the trial page
+    plots; a record written before pairs were kept has none.
     """
 
     points: int
@@ -39,9 +42,14 @@ class AttackSummary:
     tightness_median: float | None = None
     tightness_p10: float | None = None
     tightness_p90: float | None = None
+    pairs: tuple[tuple[float, float | None], ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """Every field but ``pairs``: what a list of trials shows."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "pairs"}
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**self.summary(), "pairs": [list(pair) for pair in self.pairs]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AttackSummary:
@@ -55,6 +63,10 @@ class AttackSummary:
             tightness_median=quantile("tightness_median"),
             tightness_p10=quantile("tightness_p10"),
             tightness_p90=quantile("tightness_p90"),
+            pairs=tuple(
+                (float(radius), None if distance is None else float(distance))
+                for radius, distance in data.get("pairs", ())
+            ),
         )
 
 

@@ -24,6 +24,7 @@ loss without a variant for the task) raises before anything is trained or logged
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -247,7 +248,12 @@ def _attack_certificates(
     if len(sample) == 0:
         return AttackSummary(points=0, violations=0)
     distances = minimal_l2_attack(model, splits.test.x[sample], splits.test.y[sample])
-    return AttackSummary(**certificate_check(test.radii[sample], distances))
+    radii = test.radii[sample]
+    pairs = tuple(
+        (radius, distance if math.isfinite(distance) else None)
+        for radius, distance in zip(radii.tolist(), distances.tolist(), strict=True)
+    )
+    return AttackSummary(**certificate_check(radii, distances), pairs=pairs)
 
 
 def _run_params(spec: TrialSpec) -> dict[str, str]:

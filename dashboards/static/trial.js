@@ -41,6 +41,19 @@
     const failure = $("trial-failure");
     failure.hidden = !trial.failure_reason;
     failure.textContent = trial.failure_reason ? `Failed: ${trial.failure_reason}` : "";
+    const violations = $("certificate-violations");
+    violations.hidden = !(trial.certificate_violations > 0);
+    violations.textContent = trial.certificate_violations > 0
+      ? `Certificate violation: the attack found adversarial examples closer than the certified radius for ${trial.certificate_violations} of ${trial.attack.points} test points. These certificates do not hold.`
+      : "";
+    const attack = trial.attack;
+    $("attack-table").tBodies[0].replaceChildren(...kvRows(attack ? [
+      ["points attacked", String(attack.points)],
+      ["violations", String(attack.violations)],
+      ["tightness median", formatNumber(attack.tightness_median, 4)],
+      ["tightness p10", formatNumber(attack.tightness_p10, 4)],
+      ["tightness p90", formatNumber(attack.tightness_p90, 4)],
+    ] : []));
 
     const params = [["loss family", trial.params.loss || "—"]];
     for (const [name, label] of Object.entries(PARAM_LABELS)) if (name in trial.params) params.push([label, formatNumber(trial.params[name], 5)]);
@@ -103,6 +116,7 @@
     await Promise.all([
       drawFigure("training-plot", `${trialBase}/figures/training-curves`),
       drawFigure("radii-plot", `${trialBase}/figures/radii`),
+      drawFigure("attack-plot", `${trialBase}/figures/attack`),
     ]);
     document.body.dataset.loaded = "true";
     return ACTIVE_STATES.includes(trial.state);

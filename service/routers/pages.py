@@ -19,7 +19,8 @@ snapshot; the pages draw them with ``Plotly.react``:
   front's trials;
 - ``.../figures/hypervolume``, ``.../figures/importance``,
   ``.../figures/parallel-coordinates[?objective=KEY]``: Optuna's figures;
-- ``GET /studies/{id}/trials/{number}/figures/training-curves`` and ``.../figures/radii``.
+- ``GET /studies/{id}/trials/{number}/figures/training-curves``, ``.../figures/radii`` and
+  ``.../figures/attack`` (certified radius against adversarial distance, the diagonal drawn).
 """
 
 from __future__ import annotations
@@ -448,9 +449,23 @@ def radii_histogram(trial: FrozenTrial, snapshot: StudySnapshot) -> go.Figure:
     return figures.radii_histogram_figure(radii.radii, radii.n, eps=snapshot.spec.report_eps())
 
 
+def attack_check(trial: FrozenTrial, snapshot: StudySnapshot) -> go.Figure:
+    """Certified radius against adversarial distance of the points the trial's attack check
+    attacked (the record's ``attack``)."""
+    attack = TrialRecord.read(trial, "attack").attack
+    if attack is None or not attack.pairs:
+        return figures.empty_figure(
+            "This trial stored no per-point attack check."
+            if trial.state == TrialState.COMPLETE
+            else f"The attack check runs when the trial completes (it is {trial.state.name})."
+        )
+    return figures.certificate_tightness_figure(attack.pairs, tightness=attack.summary())
+
+
 TRIAL_FIGURES: Mapping[str, Callable[[FrozenTrial, StudySnapshot], go.Figure]] = {
     "training-curves": training_curves,
     "radii": radii_histogram,
+    "attack": attack_check,
 }
 
 

@@ -102,6 +102,7 @@ def get_trial(
     detail = {
         **record,
         "epochs": stored.epochs,
+        "attack_pairs": [list(pair) for pair in stored.attack.pairs] if stored.attack else [],
         "certificate_mode": stored.certificate_mode,
         "worker": stored.worker,
     }
