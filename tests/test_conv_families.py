@@ -7,12 +7,14 @@ guaranteed bound of the exported model must cover the layer.
 """
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from liptune.bounds import lipschitz_bound
 from liptune.export import export_onnx, vanilla_export
 from liptune.nn import AOLConv2d, BCOPConv2d, GroupSort2, LipschitzSequential
 
@@ -188,7 +190,6 @@ def small_net(family) -> LipschitzSequential:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_outputs_equal_onnxruntime(family, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
     model = small_net(family)
     path = export_onnx(model, tmp_path / "net.onnx", (1, 8, 8))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -201,12 +202,9 @@ def test_onnx_outputs_equal_onnxruntime(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_guaranteed_bound_covers_the_layer(family):
-    # liptune.bounds is issue 15's guaranteed bound; liptune.export's power iteration is not
-    # one (it comes out below the exact norm here), so it is not a stand-in.
-    bounds = pytest.importorskip("liptune.bounds")
     layer = randomize(family(2, 3, 3, padding="same").double(), seed=9)
     exact = singular_values(layer, 6).max().item()
-    bound = bounds.lipschitz_bound(LipschitzSequential(layer), (2, 6, 6))
+    bound = lipschitz_bound(LipschitzSequential(layer), (2, 6, 6))
     assert exact - 1e-6 <= bound <= 1 + 1e-6
 
 
@@ -236,7 +234,8 @@ def test_bcop_rank_is_checked():
 def test_aol_scales_match_orthogonium():
     # orthogonium (Boissin et al.) rescales output channels: on the transposed, flipped kernel
     # (the adjoint convolution) its AOL is ours.
-    aol = pytest.importorskip("orthogonium.layers.conv.AOL.aol")
+    from orthogonium.layers.conv.AOL import aol
+
     generator = torch.Generator().manual_seed(0)
     kernel = torch.randn((5, 3, 3, 2), generator=generator, dtype=torch.float64)
     theirs = aol.AOLReparametrizer(3, 1).double()(kernel.transpose(0, 1).flip(-2, -1))
