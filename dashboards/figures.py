@@ -520,7 +520,7 @@ def certificate_tightness_figure(
     layout["yaxis"] = {**layout["yaxis"], "range": [0.0, upper]}
     words = [f"{len(pairs)} attacked points", f"{len(broken)} broken"]
     if missed:
-        words.append(f"{missed} without an adversarial example (not drawn)")
+        words.append(f"{missed} not drawn (no adversarial example found)")
     quantiles = [
         f"{name} {tightness[key]:.3f}"
         for name, key in (
@@ -530,12 +530,13 @@ def certificate_tightness_figure(
         )
         if tightness and tightness.get(key) is not None
     ]
+    text = "; ".join(words)
     if quantiles:
-        words.append("radius / distance: " + ", ".join(quantiles))
+        text += "<br>radius / distance: " + ", ".join(quantiles)
     layout["meta"] = {"points": len(pairs), "violations": len(broken), "missed": missed}
     layout["annotations"] = [
         {
-            "text": "; ".join(words),
+            "text": text,
             "xref": "paper",
             "yref": "paper",
             "x": 0,
@@ -546,7 +547,9 @@ def certificate_tightness_figure(
             "font": {"size": 12, "color": VIOLATION_COLOR if broken else "#4B5563"},
         }
     ]
-    layout["margin"] = {**layout["margin"], "t": 56}
+    # the counts above the plot, the legend under it
+    layout["margin"] = {**layout["margin"], "t": 64, "b": 96}
+    layout["legend"] = {"orientation": "h", "x": 0, "xanchor": "left", "y": -0.2, "yanchor": "top"}
     return go.Figure(data=data, layout=layout)
 
 

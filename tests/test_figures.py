@@ -299,7 +299,7 @@ def test_attack_figure_puts_sound_points_below_the_diagonal_and_marks_broken_one
     assert (list(broken.x), list(broken.y)) == ([0.4], [0.6])
     assert fig.layout.meta == {"points": 4, "violations": 1, "missed": 1}
     text = fig.layout.annotations[0].text
-    assert "1 broken" in text and "median 0.750" in text and "1 without an adversarial" in text
+    assert "1 broken" in text and "median 0.750" in text and "1 not drawn" in text
 
 
 def test_attack_figure_without_pairs_explains_itself():
