@@ -1,7 +1,7 @@
-"""Argument checks shared by the 1-Lipschitz convolutions of :mod:`liptune.nn.aol` and
-:mod:`liptune.nn.orthogonal_conv`.
+"""Argument checks shared by the 1-Lipschitz convolutions of :mod:`liptune.nn.conv`,
+:mod:`liptune.nn.aol` and :mod:`liptune.nn.orthogonal_conv`.
 
-Both layers bound the norm of the stride-1 convolution on the infinite (zero-padded) plane or
+The layers bound the norm of the stride-1 convolution on the infinite (zero-padded) plane or
 on the torus. A zero-padded convolution is a crop of one on the plane, a strided one keeps a
 subset of the stride-1 outputs, so both stay within that bound. A circular convolution whose
 total padding along an axis exceeds ``k - 1`` repeats output rows (the padded image holds the

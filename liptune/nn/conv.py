@@ -14,12 +14,11 @@ import math
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from liptune.nn._validation import check_input_dims, pair, positive_int
+from liptune.nn._conv_checks import check_conv_arguments
+from liptune.nn._validation import check_input_dims
 from liptune.nn.parametrizations import BjorckSpectral
 
 __all__ = ["SpectralConv2d"]
-
-_PADDING_MODES = ("zeros", "circular")
 
 
 class SpectralConv2d(nn.Conv2d):
@@ -57,33 +56,15 @@ class SpectralConv2d(nn.Conv2d):
         bjorck_iterations: int = 15,
         bjorck_tolerance: float = 1e-4,
     ) -> None:
-        positive_int("in_channels", in_channels)
-        positive_int("out_channels", out_channels)
-        kernel = pair("kernel_size", kernel_size)
-        strides = pair("stride", stride)
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        if isinstance(padding, str):
-            if padding != "same":
-                raise ValueError(f'padding must be an int, a pair or "same", got {padding!r}')
-            if strides != (1, 1):
-                raise ValueError(f'padding="same" needs stride 1, got stride={strides}')
-        else:
-            paddings = (padding, padding) if isinstance(padding, int) else tuple(padding)
-            if len(paddings) != 2 or any(
-                isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in paddings
-            ):
-                raise ValueError(f"padding must be integers >= 0, got {padding!r}")
-            if padding_mode == "circular":
-                for axis, p, k in zip(("height", "width"), paddings, kernel, strict=True):
-                    if 2 * p > k - 1:
-                        # The padded image would hold the wrap-around twice: repeated output
-                        # rows, norms up to ~1.4 measured for kernel 3, padding 2.
-                        raise ValueError(
-                            f"circular padding {p} along the {axis} exceeds (k - 1) / 2 for "
-                            f"kernel size {k}: the layer would not be 1-Lipschitz; use padding "
-                            f'<= {(k - 1) // 2} or "same"'
-                        )
+        kernel, strides = check_conv_arguments(
+            type(self).__name__,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            padding_mode,
+        )
         super().__init__(
             in_channels,
             out_channels,
