@@ -12,7 +12,7 @@ import importlib.metadata
 import threading
 
 import sqlalchemy
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
@@ -22,13 +22,14 @@ from sqlalchemy.orm import sessionmaker
 from service import problems
 from service.cache import StudyCache
 from service.config import Settings
-from service.dependencies import Resources
+from service.dependencies import Resources, require_read_key
 from service.migrations import upgrade
 from service.routers import catalog, health, pages, studies, trials
 from service.routers.health import StudyCollector, WorkerCollector
 from service.schemas import InfJSONResponse
 from service.schemas import Problem as ProblemSchema
 from worker import costs
+from worker.redact import install_log_redaction
 from worker.storage import engine_kwargs
 from worker.store import StudyStore
 
@@ -85,6 +86,7 @@ def open_resources(settings: Settings) -> Resources:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The liptune API on the stores of ``settings`` (default: from the environment)."""
     settings = settings or Settings()
+    install_log_redaction()
     resources = open_resources(settings)
     app = FastAPI(
         title="liptune",
@@ -118,6 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry.register(StudyCollector(resources.store))
     registry.register(WorkerCollector(app))
     Instrumentator(registry=registry, excluded_handlers=["/metrics"]).instrument(app).expose(
-        app, endpoint="/metrics", include_in_schema=True, tags=["health"]
+        app,
+        endpoint="/metrics",
+        include_in_schema=True,
+        tags=["health"],
+        dependencies=[Depends(require_read_key)],
     )
     return app

@@ -126,5 +126,10 @@ async def require_read_key(
     bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> None:
     """Reads: a valid key when keys are configured and ``protect_reads`` is on."""
-    if settings.api_key_hashes and settings.protect_reads:
+    if reads_protected(settings):
         _check_key(settings, header_key, bearer)
+
+
+def reads_protected(settings: Settings) -> bool:
+    """Whether reads need a key: ``protect_reads`` with at least one key configured."""
+    return bool(settings.api_key_hashes) and settings.protect_reads

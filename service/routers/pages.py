@@ -47,7 +47,13 @@ from dashboards.pages import PLOTLY_JS, STATIC_DIR, render
 from service import study_figures
 from service.cache import StudyCache, StudySnapshot, UnknownStudy
 from service.config import Settings
-from service.dependencies import get_cache, get_settings, require_read_key, study_snapshot
+from service.dependencies import (
+    get_cache,
+    get_settings,
+    reads_protected,
+    require_read_key,
+    study_snapshot,
+)
 from service.problems import Problem
 from service.results import (
     Record,
@@ -62,6 +68,7 @@ from service.results import (
 )
 from worker.radii import RadiiSummary
 from worker.record import TrialRecord
+from worker.redact import without_credentials
 from worker.spec import metric_key
 from worker.studies import optuna_study_name
 
@@ -131,9 +138,13 @@ def studies_page_alias() -> HTMLResponse:
 
 
 @_pages.get("/studies/{study_id}", response_class=HTMLResponse)
-def study_page(study_id: str, cache: CacheDependency) -> HTMLResponse:
-    """The trade-off of one study (its data comes from the JSON API and the figures)."""
-    if _known(cache, study_id) is None:
+def study_page(study_id: str, cache: CacheDependency, settings: SettingsDependency) -> HTMLResponse:
+    """The trade-off of one study (its data comes from the JSON API and the figures).
+
+    With ``protect_reads`` a page is the same shell for every id: a browser navigation carries
+    no key, so the page may not even say whether the study exists (its API calls do, with one).
+    """
+    if not reads_protected(settings) and _known(cache, study_id) is None:
         return _not_found(f"There is no study {study_id!r}.")
     return HTMLResponse(render("study.html", title="Study", study_id=study_id))
 
@@ -142,12 +153,14 @@ def study_page(study_id: str, cache: CacheDependency) -> HTMLResponse:
 def trial_page(
     study_id: str, number: int, cache: CacheDependency, settings: SettingsDependency
 ) -> HTMLResponse:
-    """One trial: curves, radii, hyper-parameters, its MLflow run and model."""
-    snapshot = _known(cache, study_id)
-    if snapshot is None:
-        return _not_found(f"There is no study {study_id!r}.")
-    if number not in snapshot.trials:
-        return _not_found(f"The study has no trial #{number}.", study_id=study_id)
+    """One trial: curves, radii, hyper-parameters, its MLflow run and model (with
+    ``protect_reads``, the same shell for every id and number, as :func:`study_page`)."""
+    if not reads_protected(settings):
+        snapshot = _known(cache, study_id)
+        if snapshot is None:
+            return _not_found(f"There is no study {study_id!r}.")
+        if number not in snapshot.trials:
+            return _not_found(f"The study has no trial #{number}.", study_id=study_id)
     return HTMLResponse(
         render(
             "trial.html",
@@ -162,7 +175,7 @@ def trial_page(
 def mlflow_ui_url(settings: Settings) -> str | None:
     """The MLflow web UI when tracking goes to an MLflow server (``http(s)://``), else ``None``
     (a local SQLite store has no UI to link to; the page shows the run id)."""
-    uri = settings.resolved_mlflow_uri()
+    uri = without_credentials(settings.resolved_mlflow_uri())
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
 
 
