@@ -4,6 +4,8 @@ trials of one study at once with the exact budget."""
 
 from __future__ import annotations
 
+import math
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from service.migrations import upgrade
+from worker.costs import estimate
 from worker.devices import (
     CUDA_CONTEXT_BYTES,
     DEVICE_MEMORY_FRACTION,
@@ -141,3 +144,28 @@ def test_trials_per_device_refuses_a_device_too_small_before_starting(
     )
     assert process.wait(timeout=120) == 2
     assert "CUDA is not available" in worker_processes.log("w0")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_device_estimate_is_the_admission_estimate_and_allocates_no_weight():
+    # A 2 x 65,536-unit MLP on Fashion-MNIST: 4.3 G parameters, 17 GB of float32 weights if
+    # they were ever allocated; the estimate builds on the meta device only.
+    spec = digits_trial().model_copy(
+        update={
+            "dataset": digits_trial().dataset.model_copy(update={"name": "fashion-mnist"}),
+            "model": digits_trial().model.model_copy(update={"widths": [65536, 65536]}),
+        }
+    )
+    before = _rss_bytes()
+    memory = trial_memory(spec)
+    assert _rss_bytes() - before < 2**30
+    cost = estimate(spec)
+    assert memory.state == cost.parameter_bytes
+    # Weights, gradients, Adam's two moments; the power iteration's vectors are the buffers.
+    assert 0 < cost.parameter_bytes - 4 * 4 * cost.parameters < 2**21
+    assert memory.data == cost.data_bytes == 60000 * (784 * 4 + 8)
+    assert memory.total == math.ceil(cost.total_bytes * ESTIMATE_MARGIN)

@@ -10,16 +10,21 @@ message (e.g. more pooling stages than the image has pixels for).
 The figures (bytes, float32):
 
 - ``parameters``: the free parameters (what the optimizer updates);
-- ``parameter_bytes``: weights + gradients + two Adam moments, ``4 * 4 * parameters``;
+- ``parameter_bytes``: weights, gradients and the optimizer's moments (Adam: 2 per parameter,
+  SGD with momentum: 1, plain SGD: 0), plus the modules' buffers;
 - ``constraint_bytes``: the tensors made while computing the constrained weights from the free
   ones (Björck iterations, normalisations, the constrained copy itself): autograd keeps them
   for the backward pass, so they count once per training step whatever the batch size;
 - ``activation_bytes``: every other tensor autograd saves in the forward pass at the batch
   size, and the logits with their gradient;
-- ``data_bytes``: the training inputs, when they are moved to the training device.
+- ``eval_bytes``: twice the largest module output of one evaluation batch
+  (:data:`worker.evaluation.EVAL_BATCH_SIZE`, no graph kept): the validation pass's peak;
+- ``data_bytes``: the train and validation splits (float32 inputs, int64 labels), resident on
+  the training device for the whole trial.
 
-:func:`estimate` is what the API checks against its limits; :func:`trial_memory_bytes` is the
-peak a trial needs on its device (for how many trials fit on one).
+This module is the one memory model of liptune: :func:`estimate` is what the API checks
+against its limits, and :mod:`worker.devices` adds the allocator's headroom to
+:attr:`Cost.total_bytes` to decide how many trials fit on one device.
 """
 
 from __future__ import annotations
@@ -31,15 +36,14 @@ from dataclasses import dataclass
 import torch
 from pydantic import TypeAdapter
 
+from worker.datasets.loading import DEFAULT_SYNTHETIC_SAMPLES, TEST_FRACTION
 from worker.datasets.registry import dataset_info
+from worker.evaluation import EVAL_BATCH_SIZE
 from worker.models import build_model
 from worker.spec import ConvNetSpec, DatasetSpec, MLPSpec, ModelSpec, StudySpec, TrialSpec
 
 _FLOAT_BYTES = 4
-#: Weight, gradient and Adam's two moments per free parameter.
-_PARAMETER_COPIES = 4
-#: Points of a synthetic set when the spec does not say (as :mod:`worker.datasets.loading`).
-_SYNTHETIC_SAMPLES = 2000
+_LABEL_BYTES = 8
 _MODEL_SPEC: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
 
 
@@ -51,14 +55,16 @@ class Cost:
     parameter_bytes: int
     constraint_bytes: int
     activation_bytes: int
+    eval_bytes: int
     data_bytes: int
     batch_size: int
 
     @property
     def total_bytes(self) -> int:
-        """Peak memory of one training step, with the training data resident."""
+        """Peak memory of a trial on its device: the training step, the validation pass and
+        the resident data counted together (an upper bound of either pass's peak)."""
         parts = (self.parameter_bytes, self.constraint_bytes, self.activation_bytes)
-        return sum(parts) + self.data_bytes
+        return sum(parts) + self.eval_bytes + self.data_bytes
 
 
 class _Saved:
@@ -89,32 +95,52 @@ def num_classes(dataset: DatasetSpec) -> int:
 
 
 def training_examples(dataset: DatasetSpec) -> int:
-    """An upper bound of the training split's size (train + validation pool)."""
+    """An upper bound of the train + validation splits' size together (a class subset keeps
+    its share of the set; a synthetic set leaves its test fraction out)."""
     info = dataset_info(dataset.name)
     if info.kind == "synthetic":
-        return dataset.n_samples or _SYNTHETIC_SAMPLES
+        return round((dataset.n_samples or DEFAULT_SYNTHETIC_SAMPLES) * (1 - TEST_FRACTION))
     pool = info.train_examples or dataset.n_samples or 0
+    if dataset.classes and info.num_classes:
+        pool = math.ceil(pool * len(dataset.classes) / info.num_classes)
     return min(pool, dataset.n_samples) if dataset.n_samples else pool
 
 
 def estimate_model(
-    model: ModelSpec, input_shape: tuple[int, ...], classes: int, batch_size: int
+    model: ModelSpec,
+    input_shape: tuple[int, ...],
+    classes: int,
+    batch_size: int,
+    *,
+    moments: int = 2,
+    eval_batch_size: int = 0,
 ) -> Cost:
     """The cost of training ``model`` on inputs of ``input_shape`` (one example) at
-    ``batch_size``; ``data_bytes`` is 0. Raises ``ValueError`` (naming the spec field) for an
-    architecture the input does not allow. Results are memoised (a trace takes a second)."""
-    return _estimate_model(model.model_dump_json(), tuple(input_shape), classes, batch_size)
+    ``batch_size`` with an optimizer keeping ``moments`` tensors per parameter, and of
+    evaluating it at ``eval_batch_size`` (0: no evaluation pass); ``data_bytes`` is 0. Raises
+    ``ValueError`` (naming the spec field) for an architecture the input does not allow.
+    Results are memoised (a trace takes a second)."""
+    return _estimate_model(
+        model.model_dump_json(), tuple(input_shape), classes, batch_size, moments, eval_batch_size
+    )
 
 
 @functools.lru_cache(maxsize=256)
 def _estimate_model(
-    model_json: str, input_shape: tuple[int, ...], classes: int, batch_size: int
+    model_json: str,
+    input_shape: tuple[int, ...],
+    classes: int,
+    batch_size: int,
+    moments: int,
+    eval_batch_size: int,
 ) -> Cost:
     model = _MODEL_SPEC.validate_json(model_json)
     with torch.device("meta"):
         network = build_model(model, input_shape, classes)
     network.train()
     parameters = sum(p.numel() for p in network.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in network.buffers())
     constraint = _Saved()
     with constraint.hooks():
         for module in network.modules():
@@ -127,12 +153,34 @@ def _estimate_model(
     total._storages[-1] = 2 * outputs.numel() * outputs.element_size()
     return Cost(
         parameters=parameters,
-        parameter_bytes=_PARAMETER_COPIES * _FLOAT_BYTES * parameters,
+        parameter_bytes=(2 + moments) * weight_bytes + buffer_bytes,
         constraint_bytes=constraint.bytes,
         activation_bytes=max(0, total.bytes - constraint.bytes),
+        eval_bytes=_eval_bytes(network, (eval_batch_size, *input_shape)) if eval_batch_size else 0,
         data_bytes=0,
         batch_size=batch_size,
     )
+
+
+def _eval_bytes(network: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Twice the largest module output of one evaluation batch of ``shape`` (its input and
+    its output are alive together; no graph is kept)."""
+    largest = 0
+
+    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    handles = [module.register_forward_hook(hook) for module in network.modules()]
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(torch.zeros(shape, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 2 * largest
 
 
 def warm_up() -> None:
@@ -144,18 +192,23 @@ def warm_up() -> None:
 
 def estimate(spec: TrialSpec) -> Cost:
     """The cost of one trial of ``spec``, on its data set's input shape, at its batch size
-    (capped by the training set's size), with the training inputs resident."""
+    and the evaluation batch size (both capped by the training set's size), with its
+    optimizer's moments and the train and validation splits resident."""
     info = dataset_info(spec.dataset.name)
     examples = training_examples(spec.dataset)
-    batch = min(spec.training.batch_size, examples) if examples else spec.training.batch_size
-    cost = estimate_model(spec.model, info.input_shape, num_classes(spec.dataset), batch)
-    data = examples * math.prod(info.input_shape) * _FLOAT_BYTES
+    cap = examples or max(spec.training.batch_size, EVAL_BATCH_SIZE)
+    training = spec.training
+    moments = 2 if training.optimizer == "adam" else int(training.momentum > 0)
+    cost = estimate_model(
+        spec.model,
+        info.input_shape,
+        num_classes(spec.dataset),
+        min(training.batch_size, cap),
+        moments=moments,
+        eval_batch_size=min(EVAL_BATCH_SIZE, cap),
+    )
+    data = examples * (math.prod(info.input_shape) * _FLOAT_BYTES + _LABEL_BYTES)
     return Cost(**{**cost.__dict__, "data_bytes": data})
-
-
-def trial_memory_bytes(spec: TrialSpec) -> int:
-    """Peak bytes one trial of ``spec`` needs on its training device (see :class:`Cost`)."""
-    return estimate(spec).total_bytes
 
 
 def study_cost(spec: StudySpec) -> Cost:

@@ -1,14 +1,14 @@
 """Device memory: what a trial needs, what a device offers, and how a device is shared.
 
-:func:`trial_memory_bytes` estimates a trial's peak device memory from its spec alone (no data
-read, no weight allocated): the model is built on torch's ``meta`` device and one training step
-and one evaluation batch are traced there, which gives
+:func:`trial_memory_bytes` is a trial's peak device memory from its spec alone (no data read,
+no weight allocated). The bytes come from :func:`worker.costs.estimate`, the one memory model
+(the API's admission limits use the same figures), grouped as
 
 - ``data``: the train and validation splits, resident on the device for the whole trial;
-- ``state``: parameters, buffers, gradients and the optimiser's moments (Adam: 2 per
-  parameter, SGD with momentum: 1);
+- ``state``: parameters, buffers, gradients and the optimiser's moments;
 - ``activations``: the tensors autograd saves for the backward pass of one training batch
-  (Björck's intermediate products included), plus the largest output of one evaluation batch;
+  (the constrained weights and Björck's intermediate products included), plus the peak of one
+  evaluation batch;
 
 and the estimate is their sum times :data:`ESTIMATE_MARGIN` (the caching allocator's
 fragmentation, cuBLAS workspaces). :func:`study_memory_bytes` takes the largest over the
@@ -36,13 +36,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from worker.datasets import dataset_info
-from worker.datasets.loading import DEFAULT_SYNTHETIC_SAMPLES, TEST_FRACTION
-from worker.evaluation import EVAL_BATCH_SIZE
-from worker.models import build_model
-from worker.spec import DatasetSpec, StudySpec, TrialSpec
+from worker.costs import estimate, study_cost
+from worker.spec import StudySpec, TrialSpec
 
 #: Headroom on top of the traced bytes.
 ESTIMATE_MARGIN = 1.25
@@ -65,41 +61,13 @@ class MemoryEstimate:
         return math.ceil((self.data + self.state + self.activations) * ESTIMATE_MARGIN)
 
 
-def _training_examples(spec: DatasetSpec) -> int:
-    """How many examples the train and validation splits hold together (an upper bound)."""
-    info = dataset_info(spec.name)
-    if info.kind == "synthetic":
-        pool = round((spec.n_samples or DEFAULT_SYNTHETIC_SAMPLES) * (1 - TEST_FRACTION))
-    else:
-        pool = info.train_examples
-        if spec.classes:
-            pool = math.ceil(pool * len(spec.classes) / info.num_classes)
-        if spec.n_samples is not None:
-            pool = min(pool, spec.n_samples)
-    return pool
-
-
-def _num_classes(spec: DatasetSpec) -> int:
-    return len(spec.classes) if spec.classes else dataset_info(spec.name).num_classes
-
-
 def trial_memory(spec: TrialSpec) -> MemoryEstimate:
     """The parts of :func:`trial_memory_bytes` (see the module docstring)."""
-    info = dataset_info(spec.dataset.name)
-    input_shape = info.input_shape
-    examples = _training_examples(spec.dataset)
-    data = examples * (math.prod(input_shape) * 4 + 8)
-    model = build_model(spec.model, input_shape, _num_classes(spec.dataset)).to("meta")
-    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    moments = 2 if spec.training.optimizer == "adam" else int(spec.training.momentum > 0)
-    state = parameters * (2 + moments) + buffers
-    batch = min(spec.training.batch_size, examples)
+    cost = estimate(spec)
     return MemoryEstimate(
-        data=data,
-        state=state,
-        activations=_saved_bytes(model, (batch, *input_shape))
-        + _largest_output_bytes(model, (min(EVAL_BATCH_SIZE, examples), *input_shape)),
+        data=cost.data_bytes,
+        state=cost.parameter_bytes,
+        activations=cost.constraint_bytes + cost.activation_bytes + cost.eval_bytes,
     )
 
 
@@ -109,53 +77,9 @@ def trial_memory_bytes(spec: TrialSpec) -> int:
 
 
 def study_memory_bytes(spec: StudySpec) -> int:
-    """The largest :func:`trial_memory_bytes` among the trials ``spec`` can ask for (the loss
-    parameters do not change memory; the searched convolution families may)."""
-    families: Sequence[str | None] = spec.search_space.conv or [None]
-    params = {"loss": "hkr", "margin": 1.0, "alpha_kr": 1.0}
-    largest = 0
-    for family in families:
-        trial_params = params if family is None else {**params, "conv": family}
-        trial = spec.trial_spec(trial_params, seed=spec.seed)
-        largest = max(largest, trial_memory_bytes(trial))
-    return largest
-
-
-def _saved_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass of one training batch."""
-    # A tensor saved twice counts once (the graph keeps them alive, so ids stay unique); views
-    # count in full, which can only overestimate.
-    saved: dict[int, torch.Tensor] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved[id(tensor)] = tensor
-        return tensor
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        outputs = model(torch.empty(shape, device="meta"))
-    kept = sum(tensor.numel() * tensor.element_size() for tensor in saved.values())
-    return kept + 2 * outputs.numel() * outputs.element_size()
-
-
-def _largest_output_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Twice the largest module output of one evaluation batch (its input and its output)."""
-    largest = 0
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        nonlocal largest
-        if isinstance(output, torch.Tensor):
-            largest = max(largest, output.numel() * output.element_size())
-
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.empty(shape, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return 2 * largest
+    """The largest :func:`trial_memory_bytes` among the trials ``spec`` can ask for
+    (:func:`worker.costs.study_cost`: the searched convolution families may differ)."""
+    return math.ceil(study_cost(spec).total_bytes * ESTIMATE_MARGIN)
 
 
 def device_memory_bytes(device: torch.device) -> int:
