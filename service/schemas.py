@@ -78,6 +78,13 @@ class AttackCheck(_Schema):
     tightness_p90: float | None
 
 
+class AttackResult(AttackCheck):
+    trial: int
+    pairs: list[tuple[float, float | None]] = Field(
+        description="(certified radius, adversarial distance) of each attacked point."
+    )
+
+
 class TrialRecord(_Schema):
     number: int
     state: TrialStateName

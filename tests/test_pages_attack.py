@@ -9,9 +9,11 @@ certificate is flagged in the list, the front and the figure.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import numpy as np
 import optuna
 import pytest
@@ -24,6 +26,7 @@ from service.config import Settings
 from worker.pool import Worker, WorkerOptions
 from worker.record import AttackSummary, TrialRecord
 from worker.studies import load_study
+from worker.tracking import TrackingConfig
 
 
 @pytest.fixture
@@ -31,8 +34,8 @@ def app_client(tmp_path: Path, sqlite_url: str) -> TestClient:
     return TestClient(create_app(Settings(home=tmp_path, storage_url=sqlite_url, cache_ttl_s=0)))
 
 
-def test_a_trained_trial_shows_its_attack_check(
-    app_client: TestClient, sqlite_url: str, one_torch_thread: None
+def test_a_trained_trial_shows_its_attack_check_and_is_attacked_again_on_demand(
+    app_client: TestClient, sqlite_url: str, tmp_path: Path, one_torch_thread: None
 ) -> None:
     spec = copy.deepcopy(DIGITS_SPEC)
     spec.update(name="attacked", n_trials=1)
@@ -41,9 +44,14 @@ def test_a_trained_trial_shows_its_attack_check(
     response = app_client.post("/studies", json=spec)
     assert response.status_code == 201, response.text
     study_id = response.json()["id"]
-    runner = Worker(
-        WorkerOptions(storage_url=sqlite_url, threads=1, device="cpu", idle_poll_max_s=0.2)
+    options = WorkerOptions(
+        storage_url=sqlite_url,
+        tracking=TrackingConfig.for_home(tmp_path),
+        threads=1,
+        device="cpu",
+        idle_poll_max_s=0.2,
     )
+    runner = Worker(options)
     while runner.run_next():
         pass
 
@@ -75,6 +83,24 @@ def test_a_trained_trial_shows_its_attack_check(
     page = app_client.get(f"/studies/{study_id}/trials/0", headers=HTML)
     assert page.status_code == 200
     assert 'id="attack-plot"' in page.text and 'id="certificate-violations"' in page.text
+
+    # On demand: POST .../attack loads the logged model from MLflow and repeats the worker's
+    # check on the same points, logged to the trial's run.
+    again = app_client.post(f"/studies/{study_id}/trials/0/attack")
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["trial"] == 0 and body["points"] == 100 and body["violations"] == 0
+    assert [r for r, _ in body["pairs"]] == pytest.approx([r for r, _ in pairs], rel=1e-5)
+    assert body["tightness_median"] == pytest.approx(attack["tightness_median"], rel=1e-3)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=detail["mlflow_run_id"],
+        artifact_path="attack_check.json",
+        dst_path=str(tmp_path / "downloaded"),
+        tracking_uri=options.tracking.tracking_uri,
+    )
+    logged = json.loads(Path(path).read_text())
+    assert logged["violations"] == 0 and len(logged["pairs"]) == 100
+    assert app_client.post(f"/studies/{study_id}/trials/5/attack").status_code == 404
 
 
 def test_a_broken_certificate_is_flagged_everywhere(app_client: TestClient) -> None:

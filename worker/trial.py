@@ -237,6 +237,27 @@ def _finish(
     return test
 
 
+def attack_check(
+    model: nn.Module,
+    spec: TrialSpec,
+    certificate_mode: str,
+    *,
+    data_roots: list[Path] | None = None,
+) -> AttackSummary:
+    """The attack check of a trained trial's (exported) ``model``, as the trial itself runs it:
+    certificates (``certificate_mode``, the trial record's) from the guaranteed head bound on
+    the test split of ``spec``'s data, then
+    :func:`liptune.attacks.minimal_l2_attack` on the same seeded ``ATTACK_POINTS`` correctly
+    classified test points (what ``POST /studies/{id}/trials/{n}/attack`` runs)."""
+    roots = data_roots if data_roots is not None else default_data_roots(liptune_home())
+    splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
+    model = model.cpu().eval()
+    with full_precision():
+        bound, _ = head_constants(model, splits.input_shape, certificate_mode)
+        test = predict(model, splits.test.x, splits.test.y, certificate_mode, lipschitz=bound)
+        return _attack_certificates(model, splits, test, spec.seed)
+
+
 def _attack_certificates(
     model: nn.Module, splits: DataSplits, test: Predictions, seed: int
 ) -> AttackSummary:

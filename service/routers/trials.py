@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import mlflow.artifacts
+import mlflow.pytorch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi_pagination import Params, paginate
@@ -26,6 +27,7 @@ from service.dependencies import (
 from service.http import conditional_json, paged_json
 from service.problems import Problem, field_error, invalid_input
 from service.schemas import (
+    AttackResult,
     Page,
     Registered,
     RegisterRequest,
@@ -35,7 +37,9 @@ from service.schemas import (
     render_json,
 )
 from worker.record import TrialRecord as StoredRecord
+from worker.store import using_tracking_uri
 from worker.tracking import ONNX_ARTIFACT, register_model
+from worker.trial import attack_check
 
 router = APIRouter(tags=["trials"])
 reads = [Depends(require_read_key)]
@@ -43,6 +47,8 @@ writes = [Depends(require_write_key)]
 
 #: File of the pickled model inside an ``mlflow.pytorch`` logged model.
 PT_FILE = "data/model.pth"
+#: Artifact of the trial's MLflow run that an on-demand attack check is logged to.
+ATTACK_ARTIFACT = "attack_check.json"
 
 
 def _record(snapshot: StudySnapshot, number: int) -> dict[str, Any]:
@@ -130,6 +136,55 @@ def register(
     except MlflowException as error:
         raise invalid_input([field_error("body.name", error.message)]) from None
     return {"model_uri": uri, "name": request.name, "aliases": request.aliases, "trial": number}
+
+
+@router.post(
+    "/studies/{study_id}/trials/{number}/attack",
+    response_model=AttackResult,
+    dependencies=writes,
+    summary="Attack the certificates of a completed trial's logged model (logged to its run)",
+)
+def attack(
+    number: int,
+    snapshot: StudySnapshot = Depends(study_snapshot),
+    resources: Resources = Depends(get_resources),
+) -> Response:
+    """Loads the trial's PyTorch model from MLflow, recomputes its certificates from the
+    guaranteed head bound on the study's test split, runs the minimal-norm L2 attack on the
+    same seeded correctly classified test points as a worker does, and logs the result to the
+    trial's MLflow run as ``attack_check.json``. The trial record keeps the worker's check:
+    Optuna refuses writes to a finished trial."""
+    record = _completed_with_model(snapshot, number)
+    trial = snapshot.trials[number]
+    mode = StoredRecord.read(trial, "certificate_mode").certificate_mode
+    if mode is None:
+        raise Problem(409, "trial-without-model", f"trial {number} recorded no certificate mode")
+    # the seed worker.pool gives trial `number`: the same data split and attacked points
+    spec = snapshot.spec.trial_spec(dict(trial.params), seed=(snapshot.spec.seed + number) % 2**31)
+    try:
+        with using_tracking_uri(resources.tracking_uri):
+            model = mlflow.pytorch.load_model(record["model_uri"], map_location="cpu")
+    except (MlflowException, OSError) as error:
+        raise Problem(
+            502, "artifact-unavailable", f"MLflow could not give the trial's model: {error}"
+        ) from None
+    summary = attack_check(
+        model,
+        spec,
+        mode,
+        data_roots=resources.settings.resolved_data_roots(),
+    )
+    body = {**summary.summary(), "pairs": [list(pair) for pair in summary.pairs]}
+    try:
+        MlflowClient(resources.tracking_uri).log_dict(
+            record["mlflow_run_id"], body, ATTACK_ARTIFACT
+        )
+    except MlflowException as error:
+        raise Problem(
+            502, "artifact-unavailable", f"MLflow could not store the attack check: {error}"
+        ) from None
+    body["trial"] = number
+    return Response(render_json(body), media_type="application/json")
 
 
 @router.get(
