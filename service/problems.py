@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker.redact import redact
 from worker.retry import store_unreachable
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -80,7 +81,7 @@ def problem_response(
         **extensions,
     }
     return Response(
-        to_json(body, inf_nan_mode="strings"),
+        redact(to_json(body, inf_nan_mode="strings").decode()),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=headers,

@@ -68,7 +68,7 @@ def url(path: str, study_id: str, name: str = "pareto") -> str:
 
 
 def figure_name(path: str) -> str:
-    return "curves" if "trials/{number}/figures" in path else "pareto"
+    return "radii" if "trials/{number}/figures" in path else "pareto"
 
 
 @pytest.mark.parametrize("path", PROTECTED)

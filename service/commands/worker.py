@@ -28,6 +28,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from worker.redact import install_log_redaction
+
 HELP = "run trials of every running study until stopped"
 
 
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    install_log_redaction()
     # Heavy imports only once the arguments are known to be valid.
     import torch
 
