@@ -59,4 +59,7 @@ def test_trial_page_plots_the_attack_check_and_warns_on_a_broken_certificate(
     else:
         assert not warning.is_visible()
     screenshot(page, f"trial-attack-{violations}")
+    open_page(page, f"{server['url']}/studies/{study_id}")
+    note = "certificates broken by the attack: 1"
+    assert (note in page.inner_text("#trials-table")) == bool(violations)
     assert errors.unexpected() == []

@@ -143,7 +143,9 @@
       paramCells(record.params),
       keys.map((key) => el("td", { class: "num", text: formatNumber((record.values || {})[key]) })),
       el("td", { class: "num", text: formatDuration(record.duration_s) }),
-      el("td", { class: "subtle", text: record.failure_reason || (record.feasible === false ? "misses the requirements" : record.retry_of !== null && record.retry_of !== undefined ? `retry of #${record.retry_of}` : "") })));
+      record.certificate_violations > 0
+        ? el("td", { class: "violation-note", text: `certificates broken by the attack: ${record.certificate_violations}` })
+        : el("td", { class: "subtle", text: record.failure_reason || (record.feasible === false ? "misses the requirements" : record.retry_of !== null && record.retry_of !== undefined ? `retry of #${record.retry_of}` : "") })));
     if (!rows.length) rows.push(el("tr", { class: "placeholder" }, el("td", { colspan: 7 + keys.length, text: "No trial yet. Workers pick the study up as soon as one is free." })));
     table.tBodies[0].replaceChildren(...rows);
     $("trials-count").textContent = `(${page.total ?? rows.length})`;
