@@ -501,6 +501,10 @@ class StudySpec(_Spec):
                 wanted.add(item.eps)
         return sorted(wanted)
 
+    def trial_seed(self, number: int) -> int:
+        """The seed of trial ``number``: its data split, initialisation and attacked points."""
+        return (self.seed + number) % 2**31
+
     def trial_spec(self, params: dict[str, Any], *, seed: int) -> TrialSpec:
         """The trial that a set of suggested parameters stands for."""
         pgd = self.pgd

@@ -159,8 +159,7 @@ def attack(
     mode = StoredRecord.read(trial, "certificate_mode").certificate_mode
     if mode is None:
         raise Problem(409, "trial-without-model", f"trial {number} recorded no certificate mode")
-    # the seed worker.pool gives trial `number`: the same data split and attacked points
-    spec = snapshot.spec.trial_spec(dict(trial.params), seed=(snapshot.spec.seed + number) % 2**31)
+    spec = snapshot.spec.trial_spec(dict(trial.params), seed=snapshot.spec.trial_seed(number))
     try:
         with using_tracking_uri(resources.tracking_uri):
             model = mlflow.pytorch.load_model(record["model_uri"], map_location="cpu")
