@@ -65,7 +65,7 @@ from worker.studies import (
     set_status,
     study_status,
 )
-from worker.tracking import TrackingConfig
+from worker.tracking import TrackingConfig, TrackingUnavailable
 from worker.trial import TrialResult, run_trial
 
 logger = logging.getLogger("liptune.worker")
@@ -280,6 +280,8 @@ class Worker:
                 logger.exception("trial %d of %s crashed", trial.number, claim.study_name)
                 reason = f"{type(error).__name__}: {error}"
                 self._fail(study, trial, claim, reason, traceback.format_exc(limit=5))
+                if isinstance(error, TrackingUnavailable):  # trained, but no record: again
+                    self._retry(study, spec, self.store.get_trial(trial_id))
                 return
             if beat.lost:
                 self._fail(study, trial, claim, "its claim was freed as stale by another worker")
@@ -290,7 +292,7 @@ class Worker:
         self, study: optuna.Study, study_id: str, spec: StudySpec, trial: optuna.Trial
     ) -> TrialResult:
         params = suggest_params(trial, spec.search_space)
-        trial_spec = spec.trial_spec(params, seed=(spec.seed + trial.number) % 2**31)
+        trial_spec = spec.trial_spec(params, seed=spec.trial_seed(trial.number))
         epochs: list[dict[str, Any]] = []
         # Optuna keeps intermediate values for one objective only.
         reported = f"val_{spec.objectives[0].key}" if len(spec.objectives) == 1 else None

@@ -18,17 +18,19 @@ are stated (inferring them starts a subprocess) and system metrics are off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ import mlflow
 import mlflow.onnx
 import mlflow.pytorch
 import onnx
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -49,6 +52,9 @@ from mlflow.models import infer_signature
 import liptune
 from worker.paths import default_artifact_root, default_tracking_uri
 from worker.store import using_tracking_uri
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -84,6 +90,64 @@ class TrackingConfig:
     @property
     def client(self) -> mlflow.MlflowClient:
         return _client(self.tracking_uri)
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow stayed unreachable for the whole retry budget (:data:`RETRY_BUDGET_S`)."""
+
+
+#: How long one tracking call waits for an unreachable MLflow before the trial fails.
+RETRY_BUDGET_S = float(os.environ.get("LIPTUNE_MLFLOW_RETRY_S", "120"))
+_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def mlflow_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` means the tracking server could not be reached (connection refused or
+    reset, name resolution, timeouts), not that it refused the request."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError, requests.ConnectionError)):
+            return True
+        if isinstance(seen, MlflowException) and any(
+            marker in seen.message for marker in _UNREACHABLE_MARKERS
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# MLflow's REST client reports a transport failure as an MlflowException quoting the cause.
+_UNREACHABLE_MARKERS = ("Max retries exceeded", "Connection refused", "ConnectionError")
+
+
+def _retrying(call: Callable[..., T]) -> Callable[..., T]:
+    """``call`` retried with back-off while MLflow is unreachable, each wait logged; after
+    :data:`RETRY_BUDGET_S` it raises :class:`TrackingUnavailable` (other errors pass through)."""
+
+    @functools.wraps(call)
+    def retried(*args: Any, **kwargs: Any) -> T:
+        deadline = time.monotonic() + RETRY_BUDGET_S
+        for attempt in itertools.count():
+            try:
+                return call(*args, **kwargs)
+            except Exception as error:
+                if not mlflow_unreachable(error):
+                    raise
+                delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
+                if time.monotonic() + delay > deadline:
+                    raise TrackingUnavailable(
+                        f"MLflow unreachable for {RETRY_BUDGET_S:g} s ({call.__name__}): "
+                        f"{type(error).__name__}"
+                    ) from error
+                logger.warning(
+                    "MLflow unreachable in %s (%s); retrying in %g s",
+                    call.__name__,
+                    type(error).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+
+    return retried
 
 
 @lru_cache(maxsize=8)
@@ -124,6 +188,7 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+@_retrying
 def start_run(
     config: TrackingConfig,
     *,
@@ -147,6 +212,7 @@ def start_run(
     return run.info.run_id
 
 
+@_retrying
 def log_metrics(
     config: TrackingConfig,
     run_id: str,
@@ -175,15 +241,18 @@ def log_metrics(
     config.client.log_batch(run_id, metrics=batch)
 
 
+@_retrying
 def set_tags(config: TrackingConfig, run_id: str, tags: Mapping[str, str]) -> None:
     config.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+@_retrying
 def end_run(config: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
     config.client.set_terminated(run_id, status=status)
 
 
+@_retrying
 def log_model(
     config: TrackingConfig,
     run_id: str,
@@ -226,6 +295,7 @@ def log_model(
     return info.model_uri
 
 
+@_retrying
 def log_onnx(
     config: TrackingConfig, run_id: str, onnx_path: Path, input_example: torch.Tensor
 ) -> str:
@@ -268,6 +338,7 @@ def _new_logged_model(config: TrackingConfig, run_id: str, name: str) -> str:
     return client.create_logged_model(experiment, name=name, source_run_id=run_id).model_id
 
 
+@_retrying
 def log_radii(
     config: TrackingConfig,
     run_id: str,
