@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         le=256,
         description="Embedded `liptune worker` processes started with the server (0: API only).",
     )
+    trials_per_device: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Concurrent trials of each embedded worker on its device (`--trials-per-"
+        "device`): each worker fans out to that many processes, each with an even share of the "
+        "device's memory.",
+    )
     heartbeat_interval: int | None = Field(
         default=None, ge=1, description="Embedded workers' `--heartbeat-interval` (seconds)."
     )

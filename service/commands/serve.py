@@ -8,11 +8,17 @@ Settings not given as flags come from ``LIPTUNE_*`` variables or ``--config FILE
 re-enqueues its current trial at the next epoch boundary). The workers are supervised
 (:class:`Supervisor`): one that dies is logged and restarted with back-off, and ``/ready`` and
 ``/metrics`` report the ones running and restarting.
+
+``--trials-per-device N`` (setting ``trials_per_device``) makes each embedded worker run N
+trials on its device at once: the worker fans out to N processes with an even share of the
+device's memory (see :mod:`service.commands.worker`). Each embedded worker leads its own
+process group, so stopping or restarting it never leaves one of its processes behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -45,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="local `liptune worker` processes (default: 1; 0: API only)",
+    )
+    parser.add_argument(
+        "--trials-per-device",
+        type=int,
+        metavar="N",
+        help="concurrent trials of each local worker on its device (default: 1)",
     )
     parser.add_argument(
         "--storage",
@@ -91,6 +103,8 @@ def worker_command(settings: Settings, index: int, threads: int) -> list[str]:
         command += ["--heartbeat-interval", str(settings.heartbeat_interval)]
     if settings.grace_period is not None:
         command += ["--grace-period", str(settings.grace_period)]
+    if settings.trials_per_device > 1:
+        command += ["--trials-per-device", str(settings.trials_per_device)]
     return command
 
 
@@ -160,8 +174,14 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot) -> None:
         with open(slot.log_path, "ab") as log:
+            # A session of its own: a worker's --trials-per-device processes share its
+            # process group, which _reap can clear if the worker dies before they do.
             slot.process = subprocess.Popen(
-                slot.command, stdout=log, stderr=subprocess.STDOUT, env=slot.env
+                slot.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=slot.env,
+                start_new_session=True,
             )
         slot.started_at = time.monotonic()
         slot.restart_at = None
@@ -183,6 +203,7 @@ class Supervisor:
         returncode = slot.process.poll()
         if returncode is None:
             return
+        _reap(slot.process)
         if now - slot.started_at >= self.STABLE_S:
             slot.backoff_s = 0.0
         slot.backoff_s = min(self.BACKOFF_MAX_S, max(self.BACKOFF_MIN_S, 2 * slot.backoff_s))
@@ -221,11 +242,13 @@ class Supervisor:
 
 
 def start_workers(settings: Settings) -> Supervisor:
-    """Start ``settings.workers`` supervised worker processes sharing the CPU cores evenly."""
+    """Start ``settings.workers`` supervised worker processes sharing the CPU cores evenly
+    (among all their ``trials_per_device`` processes)."""
     slots = []
     if settings.workers:
         prepare_tracking_store(settings.resolved_mlflow_uri())
-        threads = max(1, (os.cpu_count() or 1) // settings.workers)
+        processes = settings.workers * settings.trials_per_device
+        threads = max(1, (os.cpu_count() or 1) // processes)
         logs = settings.resolved_home() / "logs"
         logs.mkdir(exist_ok=True)
         env = worker_env(settings, threads)
@@ -242,8 +265,16 @@ def start_workers(settings: Settings) -> Supervisor:
     return supervisor
 
 
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of an exited worker's process group: the trial processes of a
+    worker that was killed before it could stop them (they would train on unsupervised)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every worker, wait for them to leave, kill the ones that do not."""
+    """SIGTERM every worker (one with trial processes forwards it to them), wait for them to
+    leave, kill the process groups of the ones that do not."""
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -252,8 +283,8 @@ def stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait(timeout=WORKER_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             logger.warning("worker %d did not stop in time: killed", process.pid)
-            process.kill()
-            process.wait()
+        _reap(process)
+        process.wait()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -274,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         "port": args.port,
         "home": args.data_dir,
         "workers": args.workers,
+        "trials_per_device": args.trials_per_device,
         "storage_url": args.storage,
         "mlflow_uri": args.mlflow,
         "config_file": args.config,
