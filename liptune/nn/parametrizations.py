@@ -81,6 +81,16 @@ class CachedParametrization(nn.Module):
     """Base class: caches the constrained weight in eval mode.
 
     Subclasses implement :meth:`constrain`.
+
+    Each eval-mode access checks the cache by value against the free weight and the buffers
+    (``torch.equal``, one per tensor), so an edit through ``.data``, which bumps no version
+    counter, is never served a stale constrained weight. On an accelerator each check reads
+    one flag back to the host: one synchronisation per tensor per layer per eval batch, only in
+    eval passes (training-mode accesses recompute and never check). For the Fashion-MNIST
+    reference trial (4 constrained layers, a 6,000-image validation split in 3 batches of
+    2,048) that is 24 reads per validation pass, each a host round trip (tens of microseconds)
+    after the layer's queued kernels: small against the 1 s epoch the GPU target allows, so the
+    guarantee is kept rather than the check skipped (not yet timed on a GPU).
     """
 
     def __init__(self) -> None:
