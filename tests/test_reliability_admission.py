@@ -9,8 +9,9 @@ the reason.
 from __future__ import annotations
 
 import copy
-import gc
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from tests.conftest import REPO_ROOT
 from tests.test_api_studies import DIGITS_SPEC, make_client, stored
 from worker.costs import estimate, study_cost
 from worker.models import build_model
@@ -64,9 +66,28 @@ def test_the_parameter_count_is_the_built_models(model: dict[str, Any]):
     assert estimate(spec).parameters == sum(p.numel() for p in real.parameters())
 
 
-def _rss_bytes() -> int:
+# Run in a fresh interpreter with a fixed mmap threshold: glibc raises its threshold after
+# large blocks are freed, so in a process that already ran other tests the graph's tensors
+# would come from reused heap pages and the resident size would not grow.
+_MEASURE_FORWARD = """
+import gc, os, torch
+from worker.models import build_model
+from worker.spec import TrialSpec
+
+def rss():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+torch.set_num_threads(1)
+spec = TrialSpec.model_validate_json(os.environ["SPEC"])
+model = build_model(spec.model, (1, 28, 28), 10).train()
+x = torch.rand(spec.training.batch_size, 1, 28, 28)
+gc.collect()
+before = rss()
+logits = model(x)
+assert logits.requires_grad
+print(rss() - before)
+"""
 
 
 def test_activation_memory_matches_what_one_training_step_really_holds():
@@ -79,13 +100,16 @@ def test_activation_memory_matches_what_one_training_step_really_holds():
         loss={"family": "hkr"},
     )
     cost = estimate(spec)
-    model = build_model(spec.model, (1, 28, 28), 10).train()
-    x = torch.rand(512, 1, 28, 28)
-    gc.collect()
-    before = _rss_bytes()
-    logits = model(x)
-    held = _rss_bytes() - before
-    assert logits.requires_grad
+    measured = subprocess.run(
+        [sys.executable, "-c", _MEASURE_FORWARD],
+        env={**os.environ, "SPEC": spec.model_dump_json(), "MALLOC_MMAP_THRESHOLD_": "65536"},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    held = int(measured.stdout.split()[-1])
     assert 0.5 * held <= cost.activation_bytes + cost.constraint_bytes <= 2 * held, (held, cost)
     batch = spec.training.model_copy(update={"batch_size": 1024})
     assert estimate(spec.model_copy(update={"training": batch})).activation_bytes > 1.8 * (
