@@ -133,14 +133,15 @@ def _retrying(call: Callable[..., T]) -> Callable[..., T]:
             except Exception as error:
                 if not mlflow_unreachable(error):
                     raise
-                delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
-                if time.monotonic() + delay > deadline:
+                left = deadline - time.monotonic()
+                delay = min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)], left)
+                if left <= 0:
                     raise TrackingUnavailable(
                         f"MLflow unreachable for {RETRY_BUDGET_S:g} s ({call.__name__}): "
                         f"{type(error).__name__}"
                     ) from error
                 logger.warning(
-                    "MLflow unreachable in %s (%s); retrying in %g s",
+                    "MLflow unreachable in %s (%s); retrying in %.3g s",
                     call.__name__,
                     type(error).__name__,
                     delay,
