@@ -1,5 +1,5 @@
-"""Argument checks shared by the 1-Lipschitz convolutions of :mod:`liptune.nn.conv`,
-:mod:`liptune.nn.aol` and :mod:`liptune.nn.orthogonal_conv`.
+"""The base of the 1-Lipschitz convolutions of :mod:`liptune.nn.conv`, :mod:`liptune.nn.aol`
+and :mod:`liptune.nn.orthogonal_conv`: their argument checks and their checked forward.
 
 The layers bound the norm of the stride-1 convolution on the infinite (zero-padded) plane or
 on the torus. A zero-padded convolution is a crop of one on the plane, a strided one keeps a
@@ -8,9 +8,11 @@ total padding along an axis exceeds ``k - 1`` repeats output rows (the padded im
 wrap-around twice), which can raise the norm above the bound: those paddings are refused.
 """
 
-from liptune.nn._validation import pair, positive_int
+from torch import Tensor, nn
 
-__all__ = ["check_conv_arguments"]
+from liptune.nn._validation import check_input_dims, pair, positive_int
+
+__all__ = ["ConstrainedConv2d", "check_conv_arguments"]
 
 PADDING_MODES = ("zeros", "circular")
 
@@ -57,3 +59,47 @@ def check_conv_arguments(
                     'or "same"'
                 )
     return kernel, strides
+
+
+class ConstrainedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose arguments pass :func:`check_conv_arguments` and whose forward
+    names the layer when the input is not ``(N, in_channels, H, W)``; subclasses register the
+    ``weight`` parametrisation that makes it 1-Lipschitz."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | str,
+        padding_mode: str,
+        bias: bool,
+    ) -> None:
+        kernel, strides = check_conv_arguments(
+            type(self).__name__,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            padding_mode,
+        )
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel,
+            stride=strides,
+            padding=padding,
+            padding_mode=padding_mode,
+            bias=bias,
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_input_dims(type(self).__name__, input.shape, (4,), "4-D (N, C, H, W)")
+        if input.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.in_channels} input channels, "
+                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+        return self._conv_forward(input, self.weight, self.bias)

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from liptune.nn._conv_checks import check_conv_arguments
-from liptune.nn._validation import check_input_dims, positive_finite
+from liptune.nn._conv_checks import ConstrainedConv2d
+from liptune.nn._validation import positive_finite
 from liptune.nn.parametrizations import CachedParametrization
 
 __all__ = ["AOLConv2d", "AOLRescaled", "aol_scales"]
@@ -65,7 +65,7 @@ class AOLRescaled(CachedParametrization):
         return f"eps={self.eps:g}"
 
 
-class AOLConv2d(nn.Conv2d):
+class AOLConv2d(ConstrainedConv2d):
     r"""2-D convolution with AOL rescaling: its operator norm is at most 1.
 
     Valid for every kernel size and stride, zero padding of any size and circular padding
@@ -103,23 +103,8 @@ class AOLConv2d(nn.Conv2d):
         *,
         eps: float = 1e-12,
     ) -> None:
-        kernel, strides = check_conv_arguments(
-            type(self).__name__,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            padding_mode,
-        )
         super().__init__(
-            in_channels,
-            out_channels,
-            kernel,
-            stride=strides,
-            padding=padding,
-            padding_mode=padding_mode,
-            bias=bias,
+            in_channels, out_channels, kernel_size, stride, padding, padding_mode, bias
         )
         parametrize.register_parametrization(self, "weight", AOLRescaled(eps=eps))
 
@@ -135,12 +120,3 @@ class AOLConv2d(nn.Conv2d):
             nn.init.orthogonal_(free[:, :, (kh - 1) // 2, (kw - 1) // 2])
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    def forward(self, input: Tensor) -> Tensor:
-        check_input_dims(type(self).__name__, input.shape, (4,), "4-D (N, C, H, W)")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(
-                f"{type(self).__name__} expects {self.in_channels} input channels, "
-                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
-        return self._conv_forward(input, self.weight, self.bias)

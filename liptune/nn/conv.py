@@ -11,17 +11,16 @@ the kernel's half-width: more would wrap the image around twice and is refused).
 
 import math
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
-from liptune.nn._conv_checks import check_conv_arguments
-from liptune.nn._validation import check_input_dims
+from liptune.nn._conv_checks import ConstrainedConv2d
 from liptune.nn.parametrizations import BjorckSpectral
 
 __all__ = ["SpectralConv2d"]
 
 
-class SpectralConv2d(nn.Conv2d):
+class SpectralConv2d(ConstrainedConv2d):
     r"""2-D convolution whose operator norm is at most 1.
 
     Args:
@@ -56,25 +55,11 @@ class SpectralConv2d(nn.Conv2d):
         bjorck_iterations: int = 15,
         bjorck_tolerance: float = 1e-4,
     ) -> None:
-        kernel, strides = check_conv_arguments(
-            type(self).__name__,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            padding_mode,
-        )
         super().__init__(
-            in_channels,
-            out_channels,
-            kernel,
-            stride=strides,
-            padding=padding,
-            padding_mode=padding_mode,
-            bias=bias,
+            in_channels, out_channels, kernel_size, stride, padding, padding_mode, bias
         )
-        overlap = math.ceil(kernel[0] / strides[0]) * math.ceil(kernel[1] / strides[1])
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        overlap = math.ceil(kh / sh) * math.ceil(kw / sw)
         parametrize.register_parametrization(
             self,
             "weight",
@@ -91,12 +76,3 @@ class SpectralConv2d(nn.Conv2d):
         nn.init.orthogonal_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    def forward(self, input: Tensor) -> Tensor:
-        check_input_dims(type(self).__name__, input.shape, (4,), "4-D (N, C, H, W)")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(
-                f"{type(self).__name__} expects {self.in_channels} input channels, "
-                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
-        return self._conv_forward(input, self.weight, self.bias)

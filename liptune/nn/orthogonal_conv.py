@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from liptune.nn._conv_checks import check_conv_arguments
-from liptune.nn._validation import check_input_dims, positive_int
+from liptune.nn._conv_checks import ConstrainedConv2d
+from liptune.nn._validation import positive_int
 from liptune.nn.parametrizations import CachedParametrization
 
 __all__ = ["BCOPConv2d", "BlockOrthogonal", "compose_kernels", "orthonormal_columns"]
@@ -111,7 +111,7 @@ class BlockOrthogonal(CachedParametrization):
         return f"channels={self.channels}, rank={self.rank}, kernel_size={self.kernel_size}"
 
 
-class BCOPConv2d(nn.Conv2d):
+class BCOPConv2d(ConstrainedConv2d):
     r"""2-D convolution with an exactly orthogonal (BCOP) kernel: operator norm at most 1,
     all singular values 1 with circular ``"same"`` padding and stride 1.
 
@@ -149,29 +149,14 @@ class BCOPConv2d(nn.Conv2d):
         *,
         rank: int | None = None,
     ) -> None:
-        kernel, strides = check_conv_arguments(
-            type(self).__name__,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            padding_mode,
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, padding_mode, bias
         )
         channels = max(in_channels, out_channels)
         rank = max(1, channels // 2) if rank is None else positive_int("rank", rank)
         if rank > channels:
             raise ValueError(f"rank must be at most max(in, out) = {channels}, got {rank}")
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel,
-            stride=strides,
-            padding=padding,
-            padding_mode=padding_mode,
-            bias=bias,
-        )
-        parametrization = BlockOrthogonal(in_channels, out_channels, kernel, rank)
+        parametrization = BlockOrthogonal(in_channels, out_channels, self.kernel_size, rank)
         factory = {"dtype": self.weight.dtype, "device": self.weight.device}
         # The free parameter is a matrix, not a kernel: replace it before registering.
         del self.weight
@@ -190,12 +175,3 @@ class BCOPConv2d(nn.Conv2d):
             self._init_free(self.parametrizations.weight.original)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    def forward(self, input: Tensor) -> Tensor:
-        check_input_dims(type(self).__name__, input.shape, (4,), "4-D (N, C, H, W)")
-        if input.shape[1] != self.in_channels:
-            raise ValueError(
-                f"{type(self).__name__} expects {self.in_channels} input channels, "
-                f"got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
-        return self._conv_forward(input, self.weight, self.bias)
