@@ -32,6 +32,16 @@ __all__ = [
 ]
 
 
+def _check_attack_inputs(x: Tensor, steps: int) -> None:
+    """Raise a ``ValueError`` unless ``x`` is a non-empty batch in [0, 1] and ``steps >= 1``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a batch (N, ...) with N >= 1, got {tuple(x.shape)}")
+    if bool((x < 0).any() | (x > 1).any()):
+        raise ValueError("inputs x must be scaled to [0, 1] before the attack")
+
+
 def margins(outputs: Tensor, target: Tensor) -> Tensor:
     """Signed margin of the true class, (N,): > 0 exactly where the prediction is right."""
     if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
@@ -127,12 +137,7 @@ def _attack(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`l2_pgd_attack`, also returning the lowest margin found per point (N,)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a batch (N, ...) with N >= 1, got {tuple(x.shape)}")
-    if bool((x < 0).any() | (x > 1).any()):
-        raise ValueError("inputs x must be scaled to [0, 1] before the attack")
+    _check_attack_inputs(x, steps)
     n = x.shape[0]
     parameter = next(model.parameters(), None)
     device = x.device if parameter is None else parameter.device
@@ -229,12 +234,7 @@ def minimal_l2_attack(
     An upper bound of each point's true distance to the boundary: a certificate above it is
     a proof that the certificate is wrong.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a batch (N, ...) with N >= 1, got {tuple(x.shape)}")
-    if bool((x < 0).any() | (x > 1).any()):
-        raise ValueError("inputs x must be scaled to [0, 1] before the attack")
+    _check_attack_inputs(x, steps)
     wide = copy.deepcopy(model).double()
     parameter = next(wide.parameters(), None)
     device = x.device if parameter is None else parameter.device

@@ -208,12 +208,7 @@ class StudyStore:
         """Store ``record``'s set fields (its epochs, ``pruned_at_epoch``) and end ``trial`` as
         PRUNED (Optuna 5 takes no values for a pruned trial: they live in the record);
         ``False`` when it was already finished."""
-        try:
-            record.write(trial)
-            study.tell(trial, state=TrialState.PRUNED)
-        except UpdateFinishedTrialError:
-            return False
-        return True
+        return _end(study, trial, record, TrialState.PRUNED)
 
     def epoch_records(self, study: optuna.Study) -> list[tuple[int, list[dict[str, Any]]]]:
         """``(trial number, stored epoch records)`` of every trial of ``study`` as committed,
@@ -227,12 +222,7 @@ class StudyStore:
     def fail(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
         """Store ``record``'s set fields (the failure reason) and end ``trial`` as FAIL;
         ``False`` when it was already finished."""
-        try:
-            record.write(trial)
-            study.tell(trial, state=TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return False
-        return True
+        return _end(study, trial, record, TrialState.FAIL)
 
     def fail_trial_id(self, trial_id: int, record: TrialRecord) -> bool:
         """Fail another worker's RUNNING trial by id, storing ``record``'s set fields first;
@@ -308,3 +298,14 @@ def _as_datetime(value: datetime | str) -> datetime:
     """A database time as a naive datetime in the database's clock (SQLite returns text)."""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     return moment.replace(tzinfo=None)
+
+
+def _end(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, state: TrialState) -> bool:
+    """Write ``record``'s set fields, then end ``trial`` in ``state`` (no values); ``False`` when
+    it was already finished."""
+    try:
+        record.write(trial)
+        study.tell(trial, state=state)
+    except UpdateFinishedTrialError:
+        return False
+    return True
