@@ -7,18 +7,19 @@ with alpha_kr = 100 and margin = 0.5 (hinge relu(0.25 - (f_y - f_j))), Adam lr 1
 15 epochs. Prints each epoch (validation accuracy and certified accuracy at 0.1), then the test
 accuracy, certified accuracy at eps 0.1, 0.25, 0.5, 1.0 and the wall time per epoch.
 
-``--conv aol|bcop`` swaps the convolution family (``spectral`` is the default);
-``--alpha-kr``/``--margin`` the HKR settings (for a front of several settings per family).
-``--tightness N`` attacks N correctly classified test points and prints the certificate
-tightness, radius / distance to the nearest adversarial example found (median, p10, p90), and
-the violations (an adversarial example closer than the certified radius; must be 0). The
-distance is found by bisection over the radius of liptune's L2 PGD (50 steps per radius,
-bisected 8 times from [radius, first radius in 2^k * radius, k <= 4, that breaks it]); it is an
-upper bound of the true distance, so the tightness is a lower bound of the true one.
+``--conv aol|bcop`` swaps the convolution family (``spectral`` is the default), ``--pooling
+invertible`` the L2-norm pooling for space-to-depth downsampling; ``--alpha-kr``/``--margin``
+the HKR settings (for a front of several settings per family). ``--tightness N`` attacks the
+correctly classified ones among the first N test points with
+:func:`liptune.attacks.minimal_l2_attack` (100 steps, float64) and prints the certificate
+tightness, radius / distance to the nearest adversarial example found (median, p10, p90), the
+violations (an adversarial example closer than the certified radius; must be 0), and the median
+:func:`liptune.certify.gradient_norm_ratio` (the first-order tightness: how much of the bound
+the margin's slope uses). Radii divide by the trial's guaranteed Lipschitz bound.
 
     .venv/bin/python benchmarks/reference_fashion_mnist.py [--epochs 15] [--threads 2]
         [--n-samples N] [--mlflow URI] [--conv spectral|aol|bcop] [--alpha-kr A]
-        [--margin M] [--tightness N] [--json PATH]
+        [--pooling l2|invertible] [--margin M] [--tightness N] [--json PATH]
 
 Takes a while on a 2-core CPU; ``--epochs 1 --n-samples 5000`` checks that it runs.
 """
@@ -31,8 +32,8 @@ import time
 
 import torch
 
-from liptune.attacks import l2_pgd_attack
-from liptune.certify import certificate_mode, certificates
+from liptune.attacks import certificate_check, minimal_l2_attack
+from liptune.certify import certificate_mode, gradient_norm_ratio, predict_with_certificates
 from worker.datasets.loading import load_dataset
 from worker.paths import SYSTEM_DATA_ROOT, default_data_roots, liptune_home
 from worker.spec import TrialSpec, metric_key
@@ -47,6 +48,7 @@ def reference_spec(
     n_samples: int | None,
     threads: int | None,
     conv: str = "spectral",
+    pooling: str = "l2",
     alpha_kr: float = 100.0,
     margin: float = 0.5,
 ) -> TrialSpec:
@@ -59,7 +61,7 @@ def reference_spec(
                 "channels": [16, 32],
                 "convs_per_stage": 1,
                 "kernel_size": 3,
-                "pooling": "l2",
+                "pooling": pooling,
                 "dense_widths": [64],
                 "head": "global",
                 "conv": conv,
@@ -71,46 +73,19 @@ def reference_spec(
     )
 
 
-def _breaks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor):
-    """Which points PGD (50 steps) pushes to another class within L2 radius ``eps`` (per point),
-    and the distance of the adversarial example it found."""
-    x_adv = l2_pgd_attack(model, x, y, eps, steps=50)
-    with torch.no_grad():
-        wrong = model(x_adv).argmax(dim=1) != y
-    return wrong, (x_adv - x).flatten(1).norm(dim=1)
-
-
-def tightness(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def tightness(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lipschitz: float
+) -> dict[str, float | int | None]:
     """Certificate tightness on the correctly classified points of ``(x, y)``; see the module
-    docstring for the bisection."""
-    model = model.eval()
-    with torch.no_grad():
-        outputs = model(x)
-    keep = (outputs.argmax(dim=1) == y) & (certificates(outputs, certificate_mode(model)) > 0)
-    x, y = x[keep], y[keep]
-    radius = certificates(outputs[keep], certificate_mode(model))
-    violations = int(_breaks(model, x, y, radius)[0].sum())
-    high = radius * 2
-    found = torch.zeros_like(radius, dtype=torch.bool)
-    for _ in range(4):  # up to 16x the radius
-        wrong, _ = _breaks(model, x, y, high)
-        found |= wrong
-        high = torch.where(found, high, high * 2)
-    low, high = radius.clone(), high.clone()
-    for _ in range(8):
-        middle = (low + high) / 2
-        wrong, _ = _breaks(model, x, y, middle)
-        high = torch.where(wrong & found, middle, high)
-        low = torch.where(wrong & found, low, middle)
-    ratios = (radius / high)[found]
-    return {
-        "points": int(found.sum()),
-        "unbroken": int((~found).sum()),
-        "violations": violations,
-        "tightness_median": ratios.median().item(),
-        "tightness_p10": ratios.quantile(0.1).item(),
-        "tightness_p90": ratios.quantile(0.9).item(),
-    }
+    docstring."""
+    mode = certificate_mode(model)
+    _, predicted, radii = predict_with_certificates(model, x, mode=mode, lipschitz=lipschitz)
+    correct = predicted == y
+    distances = minimal_l2_attack(model, x[correct], y[correct], steps=100)
+    summary = certificate_check(radii[correct], distances)
+    ratios = gradient_norm_ratio(model, x[correct], mode, lipschitz=lipschitz)
+    summary["gradient_norm_ratio_median"] = ratios.median().item()
+    return summary
 
 
 def main() -> None:
@@ -120,13 +95,20 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=None, help="subsample the train split")
     parser.add_argument("--mlflow", metavar="URI", help="log the run there (default: no MLflow)")
     parser.add_argument("--conv", default="spectral", choices=["spectral", "aol", "bcop"])
+    parser.add_argument("--pooling", default="l2", choices=["l2", "invertible"])
     parser.add_argument("--alpha-kr", type=float, default=100.0)
     parser.add_argument("--margin", type=float, default=0.5)
     parser.add_argument("--tightness", type=int, default=0, metavar="N", help="attacked points")
     parser.add_argument("--json", metavar="PATH", help="append the figures as one JSON line")
     args = parser.parse_args()
     spec = reference_spec(
-        args.epochs, args.n_samples, args.threads, args.conv, args.alpha_kr, args.margin
+        args.epochs,
+        args.n_samples,
+        args.threads,
+        args.conv,
+        args.pooling,
+        args.alpha_kr,
+        args.margin,
     )
     tracking = TrackingConfig(args.mlflow, None) if args.mlflow else None
 
@@ -164,6 +146,7 @@ def main() -> None:
     )
     figures = {
         "conv": args.conv,
+        "pooling": args.pooling,
         "alpha_kr": args.alpha_kr,
         "margin": args.margin,
         "epochs": args.epochs,
@@ -175,11 +158,11 @@ def main() -> None:
         test = load_dataset(spec.dataset, data_roots=data_roots, seed=spec.seed).test
         with torch.no_grad():
             model = result.model.float()
-        torch.manual_seed(0)
         if args.threads:
             torch.set_num_threads(args.threads)
-        figures["attack"] = tightness(model, test.x[: args.tightness], test.y[: args.tightness])
-        print("certificate tightness (bisection over L2 PGD radii):", figures["attack"])
+        x, y = test.x[: args.tightness], test.y[: args.tightness]
+        figures["attack"] = tightness(model, x, y, metrics["lipschitz_bound"])
+        print("certificate tightness (minimal_l2_attack):", figures["attack"])
     if args.json:
         with open(args.json, "a") as out:
             out.write(json.dumps(figures) + "\n")

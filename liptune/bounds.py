@@ -32,6 +32,8 @@ nothing the constraints claim is trusted. Per layer:
 - ``nn.AvgPool2d`` (no ceil mode, padding counted): a depthwise convolution with a constant
   kernel, bounded as above.
 - The core's activations and pooling (1-Lipschitz by construction, no weight): 1.
+- :class:`~liptune.nn.SLLResidual` (an exported SLL layer): its SLL condition checked on the
+  weights, :func:`sll_bound`.
 - Composition: a sequence multiplies; ``LipschitzResidual`` gives :math:`t + (1 - t) L`;
   ``ScaledConcat`` gives :math:`\sqrt{\sum L_i^2 / n}`.
 
@@ -48,12 +50,14 @@ bound times the largest row norm of the last ``nn.Linear``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from liptune.export import vanilla_export
 from liptune.nn import (
@@ -69,6 +73,8 @@ from liptune.nn import (
     ScaledGlobalAvgPool2d,
     ScaledGlobalL2NormPool2d,
     ScaledL2NormPool2d,
+    SLLResidual,
+    sll_gram_row_sums,
 )
 
 __all__ = [
@@ -80,6 +86,7 @@ __all__ = [
     "layer_bounds",
     "lipschitz_bound",
     "lipschitz_estimate",
+    "sll_bound",
 ]
 
 #: The dense bound runs when the smaller side of the operator's matrix has at most this many
@@ -320,6 +327,58 @@ def _avg_pool_as_conv(pool: nn.AvgPool2d, channels: int) -> nn.Conv2d:
     return conv
 
 
+# --------------------------------------------------------------------------- SLL layers
+
+
+def sll_bound(module: SLLResidual, input_shape: Sequence[int]) -> float:
+    r"""A guaranteed Lipschitz bound of ``x - B^T ReLU(A x + b)`` (:class:`SLLResidual`) from
+    its weights, on inputs of ``input_shape``.
+
+    Writes the transposed kernel as :math:`B_j = s_j K_j + E_j` per inner channel, with
+    :math:`s_j = \max(\langle B_j, K_j\rangle / \|K_j\|^2, 0)` and :math:`t_j = 2 / s_j`.
+    With :math:`r_j` the witness-weighted Gram row sums (:func:`~liptune.nn.sll_gram_row_sums`
+    with the module's ``q``), :math:`\operatorname{diag}(r) \succeq A A^\top`, so
+    :math:`(1 + \varepsilon) T \succeq A A^\top` for :math:`\varepsilon = \max_j (r_j / t_j
+    - 1)^+`, and the Jacobian of the exact part has eigenvalues in
+    :math:`[-1 - 2\varepsilon, 1]`. The remainder adds at most :math:`\|E\| \|A\|`
+    (:math:`\|E\| \le \sum_u \|E[:, :, u]\|_F`, :math:`\|A\|` the convolution's bound).
+    So the bound is :math:`1 + 2\varepsilon + \|E\|\|A\|` plus a rounding margin: 1 up to
+    rounding for an exported :class:`~liptune.nn.SLLConv2d`, and still sound (no better than
+    :math:`1 + \|B\|\|A\|`) for weights that do not have the SLL structure.
+    """
+    conv, adjoint = module.conv, module.transposed
+    kernel = conv.weight.detach().double()
+    transposed = adjoint.weight.detach().double()
+    plain = (1, 1), (1, 1), 1
+    if (
+        transposed.shape != kernel.shape
+        or adjoint.bias is not None
+        or (conv.stride, conv.dilation, conv.groups) != plain
+        or (adjoint.stride, adjoint.dilation, adjoint.groups) != plain
+        or conv.padding_mode != "zeros"
+        or tuple(adjoint.padding) != tuple(conv.padding)
+        or tuple(adjoint.output_padding) != (0, 0)
+    ):
+        raise TypeError(
+            "SLLResidual needs a stride-1 zero-padded convolution and, as its adjoint, a "
+            "transposed convolution with the kernel's shape, the same padding and no bias; got "
+            f"{conv} and {adjoint}"
+        )
+    q = module.q.detach().double()
+    if not bool((q > 0).all()):
+        raise ValueError("SLLResidual.q must be positive (it weights the Gram row sums)")
+    squared = kernel.flatten(1).square().sum(dim=1)
+    along = (transposed * kernel).flatten(1).sum(dim=1)
+    s = torch.where(squared > 0, along / squared.clamp(min=_EPS), 0.0).clamp(min=0.0)
+    remainder = transposed - s[:, None, None, None] * kernel
+    row_sums = sll_gram_row_sums(kernel, q)
+    excess = max((row_sums * s / 2).max().item() - 1.0, 0.0)
+    remainder_norm = torch.linalg.matrix_norm(remainder.permute(2, 3, 0, 1)).sum().item()
+    conv_norm = conv_bound(copy.deepcopy(conv).double(), tuple(input_shape))[0]
+    n = kernel.numel()
+    return 1.0 + 2.0 * excess + remainder_norm * conv_norm + _SAFETY * n * _EPS
+
+
 # --------------------------------------------------------------------------- estimates
 
 
@@ -372,6 +431,21 @@ class _Walker:
         self.layers.append(LayerBound(name, type(module).__name__, shape, bound, estimate, method))
         return bound, estimate
 
+    def sll(self, name: str, module: SLLResidual, x: Tensor) -> tuple[float, float]:
+        bound = sll_bound(module, tuple(x.shape[1:]))
+        with torch.no_grad():
+            active = (module.conv(x) > 0).to(x.dtype)
+        conv, transposed = module.conv, module.transposed
+
+        def jacobian(v: Tensor) -> Tensor:  # of the map at x: I - B D A
+            inner = conv._conv_forward(v, conv.weight, None) * active
+            return v - F.conv_transpose2d(inner, transposed.weight, padding=transposed.padding)
+
+        estimate = min(_power_norm(jacobian, x, self.iterations), bound)
+        shape = tuple(x.shape[1:])
+        self.layers.append(LayerBound(name, type(module).__name__, shape, bound, estimate, "sll"))
+        return bound, estimate
+
     def walk(self, module: nn.Module, x: Tensor, name: str) -> tuple[float, float, Tensor]:
         """(bound, estimate, module(x)) of ``module`` on inputs shaped like ``x``."""
         if isinstance(module, nn.Sequential):
@@ -394,6 +468,9 @@ class _Walker:
             n = len(parts)
             bound = math.sqrt(sum(b * b for b, _ in parts) / n)
             return bound, math.sqrt(sum(e * e for _, e in parts) / n), y
+        if isinstance(module, SLLResidual):
+            b, e = self.sll(name, module, x)
+            return b, e, y
         if isinstance(module, nn.Linear | nn.Conv2d | nn.AvgPool2d):
             b, e = self.layer(name, module, x)
             return b, e, y

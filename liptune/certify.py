@@ -15,6 +15,7 @@ A point is *certified* at radius eps when it is correctly classified and its cer
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -30,6 +31,7 @@ __all__ = [
     "certificate_mode",
     "certificates",
     "certified_robust_accuracy",
+    "gradient_norm_ratio",
     "mean_certifiable_robustness",
     "predict_with_certificates",
     "provable_avg_robustness",
@@ -168,6 +170,47 @@ def certificate_mode(model: nn.Module) -> CertificateMode:
             f"{CERTIFICATE_MODES} if you know that the model is 1-Lipschitz"
         )
     return _check_mode(mode)  # type: ignore[return-value]
+
+
+def gradient_norm_ratio(
+    model: nn.Module,
+    x: Tensor,
+    mode: CertificateMode | None = None,
+    lipschitz: float = 1.0,
+    batch_size: int = 256,
+) -> Tensor:
+    r"""How much of the Lipschitz bound the certified margin's slope uses at each input, (N,).
+
+    With :math:`m(x)` the margin a certificate divides (:math:`|f(x)|`, or
+    :math:`f_{top1} - f_{top2}` with the top two classes at :math:`x`), :math:`s` the mode's
+    factor (1, :math:`1/\sqrt2`, :math:`1/2`) and :math:`L` = ``lipschitz``, returns
+    :math:`s \|\nabla_x m(x)\|_2 / L`, in [0, 1] for a model the bound holds for. Where the
+    model is locally linear the distance to the decision boundary is :math:`m / \|\nabla m\|`,
+    so this is the first-order estimate of certificate tightness (certificate / distance): 1 for
+    a gradient-norm-preserving network, small where layers shrink the gradient (channel-
+    expanding convolutions, pooling that averages, rescaled kernels). Computed in float64 on a
+    copy of the model in eval mode; ``x`` (N, ...) on the model's device or any.
+    """
+    mode = _check_mode(mode) if mode is not None else certificate_mode(model)
+    if not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"lipschitz must be a finite bound > 0, got {lipschitz!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    wide = copy.deepcopy(model).double().eval()
+    device = _model_device(wide, x.device)
+    scale = 1.0 if mode == "binary" else _GAP_SCALE[mode]
+    ratios = []
+    for batch in x.split(batch_size):
+        inputs = batch.to(device).double().requires_grad_(True)
+        outputs = wide(inputs)
+        if mode == "binary":
+            margin = outputs.reshape(-1).abs()
+        else:
+            top2 = _multiclass_outputs(outputs, mode).topk(2, dim=1).values
+            margin = top2[:, 0] - top2[:, 1]
+        (gradient,) = torch.autograd.grad(margin.sum(), inputs)
+        ratios.append(gradient.flatten(1).norm(dim=1) * (scale / lipschitz))
+    return torch.cat(ratios).to(x.device)
 
 
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:

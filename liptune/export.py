@@ -1,7 +1,9 @@
 r"""Export a model built from :mod:`liptune.nn` to plain PyTorch and ONNX, and bound it.
 
 - :func:`vanilla_export` replaces each constrained layer by a plain ``nn.Linear`` or
-  ``nn.Conv2d`` holding its constrained weight: same outputs, no parametrisation, picklable.
+  ``nn.Conv2d`` holding its constrained weight (an SLL layer by
+  :class:`~liptune.nn.SLLResidual`, plain ``nn.Conv2d`` and ``nn.ConvTranspose2d``): same
+  outputs, no parametrisation, picklable.
 - :func:`export_onnx` writes that plain model as ONNX with the direct writer of
   :mod:`liptune.onnx` (milliseconds), or with :func:`torch.onnx.export` for modules the
   writer does not know (seconds).
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from liptune.nn.sll import SLLConv2d
 
 __all__ = ["export_onnx", "lipschitz_upper_bound", "vanilla_export"]
 
@@ -52,6 +56,8 @@ def _plain_layer(layer: nn.Module) -> nn.Module:
 
 def _devolve(module: nn.Module) -> nn.Module:
     """Return ``module`` with every parametrisation inside it baked into plain tensors."""
+    if isinstance(module, SLLConv2d):
+        return module.vanilla()
     if parametrize.is_parametrized(module):
         if isinstance(module, nn.Linear | nn.Conv2d) and list(module.parametrizations) == [
             "weight"

@@ -21,7 +21,8 @@ static, only the batch ``N`` is dynamic):
   ``ReduceSum`` divided by :math:`\sqrt{HW}`; ``InvertibleDownSampling``: ``Reshape`` to
   ``(N, C, H/k, k, W/k, k)``, ``Transpose`` to ``(N, C, k, k, H/k, W/k)``, ``Reshape``.
 - ``LipschitzResidual``: :math:`t x + (1-t) f(x)` with its learned :math:`t` (``mean``:
-  :math:`(x + f(x)) / 2`); ``ScaledConcat``: ``Concat`` divided by :math:`\sqrt n`.
+  :math:`(x + f(x)) / 2`); ``SLLResidual``: ``Conv``, ``Relu``, ``ConvTranspose``, ``Sub``;
+  ``ScaledConcat``: ``Concat`` divided by :math:`\sqrt n`.
 """
 
 import math
@@ -47,6 +48,7 @@ from liptune.nn import (
     ScaledGlobalAvgPool2d,
     ScaledGlobalL2NormPool2d,
     ScaledL2NormPool2d,
+    SLLResidual,
 )
 
 __all__ = ["MIN_OPSET", "UnsupportedModule", "to_onnx"]
@@ -344,6 +346,26 @@ def _residual(graph: _Graph, module: LipschitzResidual, x: str) -> str:
     t = torch.sigmoid(module.logit.detach())
     skip = graph.op("Mul", x, graph.weight(t))
     return graph.op("Add", skip, graph.op("Mul", out, graph.weight(1 - t)))
+
+
+@_emits(SLLResidual)
+def _sll(graph: _Graph, module: SLLResidual, x: str) -> str:
+    conv, transposed = module.conv, module.transposed
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise UnsupportedModule(f"SLLResidual with {conv}: the writer takes numeric zero padding")
+    inner = graph.op("Relu", _conv2d(graph, conv, x))
+    top, left = transposed.padding
+    branch = graph.op(
+        "ConvTranspose",
+        inner,
+        graph.weight(transposed.weight),
+        kernel_shape=list(transposed.kernel_size),
+        strides=list(transposed.stride),
+        dilations=list(transposed.dilation),
+        group=transposed.groups,
+        pads=[top, left, top, left],
+    )
+    return graph.op("Sub", x, branch)
 
 
 @_emits(ScaledConcat)

@@ -182,3 +182,56 @@ def test_bad_inputs_are_rejected():
         certify.predict_with_certificates(
             lnn.LipschitzSequential(lnn.SpectralLinear(2, 2)), torch.rand(3, 2), batch_size=0
         )
+
+
+def test_gradient_norm_ratio_is_the_exact_tightness_of_a_linear_model():
+    """For f(x) = Wx + b the distance from x to the set where class j overtakes the top class i
+    is (f_i - f_j) / ||w_i - w_j||: the ratio must equal certificate / that distance."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4).double()
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight / torch.linalg.matrix_norm(layer.weight, ord=2))
+    x = torch.randn(32, 6, dtype=torch.float64)
+    outputs = layer(x).detach()
+    top2 = outputs.topk(2, dim=1).indices
+    rows = layer.weight.detach()[top2[:, 0]] - layer.weight.detach()[top2[:, 1]]
+    gaps = outputs.gather(1, top2[:, :1]).squeeze(1) - outputs.gather(1, top2[:, 1:]).squeeze(1)
+    distance = gaps / rows.norm(dim=1)
+    for mode, lipschitz in (("global", 1.0), ("classwise", 1.0), ("global", 0.5)):
+        ratio = certify.gradient_norm_ratio(layer, x, mode, lipschitz=lipschitz)
+        radius = certify.certificates(outputs, mode, lipschitz=lipschitz)
+        torch.testing.assert_close(ratio, radius / distance)
+
+
+def test_gradient_norm_ratio_is_one_for_an_orthogonal_map_and_scales_with_it():
+    torch.manual_seed(1)
+    orthogonal = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        orthogonal.weight.copy_(torch.linalg.qr(torch.randn(8, 8))[0])
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(
+        certify.gradient_norm_ratio(orthogonal, x, "global"),
+        torch.ones(16, dtype=torch.float64),
+        rtol=1e-6,  # the float32 weights are orthogonal to float32 precision
+        atol=0.0,
+    )
+    with torch.no_grad():
+        orthogonal.weight.mul_(0.5)
+    torch.testing.assert_close(
+        certify.gradient_norm_ratio(orthogonal, x, "global"),
+        torch.full((16,), 0.5).double(),
+        rtol=1e-6,
+        atol=0.0,
+    )
+    binary = nn.Linear(8, 1)
+    ratio = certify.gradient_norm_ratio(binary, x, "binary", lipschitz=2.0)
+    expected = binary.weight.detach().norm().double() / 2.0
+    torch.testing.assert_close(ratio, expected.expand(16))
+
+
+def test_gradient_norm_ratio_rejects_bad_arguments():
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="lipschitz"):
+        certify.gradient_norm_ratio(model, torch.randn(2, 4), "global", lipschitz=0.0)
+    with pytest.raises(ValueError, match="certificate mode"):
+        certify.gradient_norm_ratio(model, torch.randn(2, 4), "top1")

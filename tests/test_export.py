@@ -28,6 +28,7 @@ from liptune.nn import (
     ScaledGlobalAvgPool2d,
     ScaledGlobalL2NormPool2d,
     ScaledL2NormPool2d,
+    SLLConv2d,
     SpectralConv2d,
     SpectralLinear,
 )
@@ -196,6 +197,8 @@ MODULES = {
         (6,),
     ),
     "residual-mean": (lambda: LipschitzResidual(conv(2, 2, 3, padding=1), mode="mean"), (2, 5, 5)),
+    "sll": (lambda: perturbed(SLLConv2d(3, 5, 3)), (3, 5, 6)),
+    "sll-kernel-3x5": (lambda: perturbed(SLLConv2d(2, 2, (3, 5))), (2, 6, 4)),
     "concat-3": (
         lambda: ScaledConcat(nn.Identity(), conv(2, 3, 1), conv(2, 1, 3, padding=1)),
         (2, 4, 4),
@@ -241,6 +244,11 @@ ZOO = {
         10,
     ),
     "convnet-maxmin": ({"name": "convnet", "channels": [3], "activation": "maxmin"}, (1, 8, 8), 5),
+    "resnet-sll-invertible": (
+        {"name": "resnet", "channels": [4], "block": "sll", "pooling": "invertible"},
+        (1, 8, 8),
+        10,
+    ),
     "resnet-householder": (
         {"name": "resnet", "channels": [4, 6], "activation": "householder"},
         (1, 8, 8),

@@ -38,6 +38,7 @@ CASES = [
     (ConvNetSpec(pooling="invertible", channels=[4, 8]), (3, 8, 8), 10, "global", (10,)),
     (ResNetSpec(head="classwise"), (1, 8, 8), 10, "classwise", (10,)),
     (ResNetSpec(activation="maxmin", channels=[4]), (3, 8, 8), 2, "binary", (1,)),
+    (ResNetSpec(pooling="invertible", channels=[4, 8], conv="aol"), (1, 8, 8), 10, "global", (10,)),
 ]
 
 

@@ -37,6 +37,7 @@ from liptune.nn import (
     MaxMin,
     ScaledAvgPool2d,
     ScaledL2NormPool2d,
+    SLLConv2d,
     SpectralConv2d,
     SpectralLinear,
 )
@@ -66,8 +67,8 @@ MODELS: dict[str, ModelInfo] = {
     "resnet": ModelInfo(
         ResNetSpec,
         "Small residual network: per stage a convolution of the `conv` family then "
-        "`blocks_per_stage` blocks x -> (x + conv(act(conv(x)))) / 2, then L2-norm pooling; "
-        "then dense layers.",
+        "`blocks_per_stage` residual blocks (`block`: x -> (x + conv(act(conv(x)))) / 2, or "
+        "SLL layers), then a Lipschitz pooling; then dense layers.",
     ),
 }
 
@@ -194,6 +195,11 @@ def _convnet(spec: ConvNetSpec, input_shape: Sequence[int], num_classes: int) ->
 
 def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> list[nn.Module]:
     channels, height, width = _image_shape(spec, input_shape)
+    if spec.block == "sll" and spec.kernel_size % 2 == 0:
+        raise ValueError(
+            f"model.kernel_size = {spec.kernel_size}: block 'sll' keeps the map's size with "
+            "'same' padding, which needs an odd kernel size"
+        )
     activation = _Activations(spec)
     layers: list[nn.Module] = []
     for stage, out_channels in enumerate(spec.channels):
@@ -202,6 +208,9 @@ def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> l
         act, channels = activation(out_channels, field)
         layers.append(act)
         for _ in range(spec.blocks_per_stage):
+            if spec.block == "sll":
+                layers.append(SLLConv2d(channels, channels, spec.kernel_size))
+                continue
             inner_act, inner_channels = activation(channels, field)
             block = nn.Sequential(
                 _conv(spec, channels, channels),
@@ -209,7 +218,7 @@ def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> l
                 _conv(spec, inner_channels, channels),
             )
             layers.append(LipschitzResidual(block, mode="mean"))
-        pool, channels, height, width = _pool("l2", channels, height, width, stage)
+        pool, channels, height, width = _pool(spec.pooling, channels, height, width, stage)
         layers.append(pool)
     layers.append(nn.Flatten())
     dense, features = _dense_layers(

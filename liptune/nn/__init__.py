@@ -21,6 +21,7 @@ from liptune.nn.pooling import (
     ScaledGlobalL2NormPool2d,
     ScaledL2NormPool2d,
 )
+from liptune.nn.sll import SLLConv2d, SLLResidual, SLLScaled, sll_gram_row_sums
 
 __all__ = [
     "CERTIFICATE_MODES",
@@ -42,6 +43,9 @@ __all__ = [
     "MaxMin",
     "OrthoLinear",
     "QROrthogonal",
+    "SLLConv2d",
+    "SLLResidual",
+    "SLLScaled",
     "ScaledAvgPool2d",
     "ScaledConcat",
     "ScaledGlobalAvgPool2d",
@@ -53,4 +57,5 @@ __all__ = [
     "bjorck_orthonormalize",
     "compose_kernels",
     "infer_certificate_mode",
+    "sll_gram_row_sums",
 ]
