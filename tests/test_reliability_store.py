@@ -9,7 +9,9 @@ it accepts connections again before it ends, whatever happens.
 
 from __future__ import annotations
 
+import logging
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -144,3 +146,92 @@ def test_a_worker_rides_out_a_postgres_restart_mid_study(
     assert sorted(row.trial_number for row in rows if row.state == "complete") == sorted(
         t.number for t in complete
     )
+
+
+class BriefOutage:
+    """PostgreSQL stopped now (``pg_ctlcluster stop``, blocking) and started again in a thread
+    ``seconds`` later; :meth:`join` waits until it accepts connections again."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, seconds: float) -> None:
+        subprocess.run([*CLUSTER, "stop", "-m", "fast"], check=True, timeout=60)
+
+        def restart() -> None:
+            time.sleep(seconds)
+            subprocess.run([*CLUSTER, "start"], check=True, timeout=60)
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=120)
+        wait_for_postgres()
+
+
+def test_an_outage_at_the_ask_and_at_an_epoch_record_is_ridden_out(
+    postgres_url: str, tiny_study_spec, monkeypatch, caplog
+):
+    """PostgreSQL stopped right before ``study.ask()`` of the first trial and right before the
+    first epoch's record is written (the hooks only time the outage; the calls are the worker's
+    own): both wait for the store and the study completes with no failed trial. Before they
+    went through the retrying store, the first failed the claim (``ask failed``) and the second
+    crashed the trial (FAIL)."""
+    from optuna.trial import TrialState
+
+    from tests.test_workers import claim_rows, new_study, trials_in
+    from worker import pool
+    from worker.pool import Worker, WorkerOptions
+
+    n_trials = 2
+    spec = tiny_study_spec(n_trials=n_trials, training={"epochs": 2, "batch_size": 64, "lr": 0.01})
+    study_id, study = new_study(postgres_url, spec)
+    outage = BriefOutage()
+    asks: list[int] = []
+
+    class OutageBeforeAsk(pool.Heartbeat):
+        def __enter__(self) -> pool.Heartbeat:
+            entered = super().__enter__()
+            if not asks:  # the worker's next storage call is the ask
+                asks.append(1)
+                outage(3.0)
+            return entered
+
+    original_run_trial = pool.run_trial
+
+    def outage_before_the_first_epoch_record(*args, on_epoch, **kwargs):
+        def on_epoch_after_an_outage(record):
+            if record["epoch"] == 1 and len(asks) == 1:
+                asks.append(2)
+                outage(3.0)
+            on_epoch(record)
+
+        return original_run_trial(*args, on_epoch=on_epoch_after_an_outage, **kwargs)
+
+    monkeypatch.setattr(pool, "Heartbeat", OutageBeforeAsk)
+    monkeypatch.setattr(pool, "run_trial", outage_before_the_first_epoch_record)
+    worker = Worker(
+        WorkerOptions(
+            storage_url=postgres_url, threads=1, device="cpu", exit_when_idle=True, max_trials=4
+        )
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="liptune.worker"):
+            assert worker.run() == n_trials
+    finally:
+        outage.join()
+    assert asks == [1, 2]  # both outages happened
+    retried = {
+        record.args[0] for record in caplog.records if "store unreachable" in record.getMessage()
+    }
+    assert {"ask", "write_record"} <= retried, retried
+    study = optuna.load_study(study_name=study.study_name, storage=postgres_url)
+    assert trials_in(study, TrialState.FAIL) == []
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == n_trials == len(study.trials)
+    assert all(len(trial.user_attrs["liptune.epochs"]) == 2 for trial in complete)
+    rows = claim_rows(postgres_url, study_id)
+    assert sorted(row.state for row in rows) == ["complete"] * n_trials

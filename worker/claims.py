@@ -199,14 +199,16 @@ def free_stale_claims(engine: Engine, study_name: str, grace_period: float) -> l
     return freed
 
 
-def live_trial_ids(engine: Engine, study_name: str) -> set[int]:
-    """Optuna trial ids of the study's running claims."""
+def claimed_trial_ids(
+    engine: Engine, study_name: str, states: tuple[str, ...] = (RUNNING,)
+) -> set[int]:
+    """Optuna trial ids of the study's claims in ``states`` (by default: running)."""
     with engine.connect() as connection:
         return set(
             connection.execute(
                 sa.select(claims.c.trial_id).where(
                     claims.c.study_name == study_name,
-                    claims.c.state == RUNNING,
+                    claims.c.state.in_(states),
                     claims.c.trial_id.is_not(None),
                 )
             ).scalars()

@@ -4,9 +4,9 @@ One database holds Optuna's tables (``studies``, ``trials``, ...), liptune's tri
 (:mod:`worker.claims`) and the service's tables; all of liptune's are prefixed ``liptune_``.
 
 * SQLite (the embedded default, one machine): the file is switched to WAL journal mode (readers
-  never block the writer) and every connection waits up to :data:`SQLITE_BUSY_TIMEOUT_S` for a
-  lock instead of failing with "database is locked", so several local worker processes can
-  share it.
+  never block the writer; the switch under the schema lock, see :func:`_enable_wal`) and every
+  connection waits up to :data:`SQLITE_BUSY_TIMEOUT_S` for a lock instead of failing with
+  "database is locked", so several local worker processes can share it.
 * PostgreSQL (many machines): connections are checked before use (``pool_pre_ping``), so a
   worker survives a server restart or an idle connection dropped by a proxy.
 
@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib.util
 import sqlite3
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -65,13 +66,39 @@ def _check_shared_url(url: str) -> None:
 
 
 def _enable_wal(url: str) -> None:
-    """Switch a SQLite file to WAL journal mode (a persistent property of the file)."""
+    """Switch a SQLite file to WAL journal mode (a persistent property of the file).
+
+    ``PRAGMA journal_mode=WAL`` reads the file under a shared lock, then needs the write lock to
+    rewrite its header; while another connection holds that lock (another process switching the
+    same fresh file, or writing to it before it is in WAL mode), SQLite answers "database is
+    locked" at once, without waiting its busy timeout (waiting while holding the shared lock
+    could deadlock). So processes starting together switch the file one at a time, under the
+    schema lock, a file already in WAL mode is only read, and a switch that still meets the
+    lock (a writer outside liptune's lock) is tried again until :data:`SQLITE_BUSY_TIMEOUT_S`.
+    """
     path = make_url(url).database
-    connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    with _sqlite_schema_lock(path):
+        while True:
+            connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
+            try:
+                if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "database is locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            finally:
+                connection.close()
+            time.sleep(_WAL_RETRY_S)
+
+
+#: Pause between two attempts to switch a file to WAL mode that met another writer's lock.
+_WAL_RETRY_S = 0.05
+
+
+def _sqlite_schema_lock(path: str) -> FileLock:
+    return FileLock(f"{path}.schema.lock", timeout=SQLITE_BUSY_TIMEOUT_S)
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -94,7 +121,7 @@ def schema_lock(url: str) -> Iterator[None]:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        with FileLock(f"{parsed.database}.schema.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
+        with _sqlite_schema_lock(parsed.database):
             yield
         return
     if backend != "postgresql":

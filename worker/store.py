@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,8 @@ from optuna.trial import FrozenTrial, TrialState
 from worker import claims
 from worker.claims import Claim, ClaimCounts, StaleClaim
 from worker.record import TrialRecord
+from worker.search_space import enqueue, suggest_params
+from worker.spec import SearchSpace
 from worker.storage import (
     DEFAULT_GRACE_PERIOD_S,
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -50,6 +53,7 @@ from worker.studies import (
     STUDY_PREFIX,
     optuna_study_name,
     running_studies,
+    set_status,
 )
 
 
@@ -156,8 +160,10 @@ class StudyStore:
     def free_stale_claims(self, study_name: str, grace_period: float) -> list[StaleClaim]:
         return claims.free_stale_claims(self.engine, study_name, grace_period)
 
-    def live_trial_ids(self, study_name: str) -> set[int]:
-        return claims.live_trial_ids(self.engine, study_name)
+    def claimed_trial_ids(
+        self, study_name: str, states: tuple[str, ...] = (claims.RUNNING,)
+    ) -> set[int]:
+        return claims.claimed_trial_ids(self.engine, study_name, states)
 
     def studies_with_running_claims(self) -> set[str]:
         return claims.studies_with_running_claims(self.engine)
@@ -195,6 +201,39 @@ class StudyStore:
         """Store fields of ``record`` (see :meth:`TrialRecord.write`) on the trial ``trial_id``."""
         for key, value in record.user_attrs(*names).items():
             self.storage.set_trial_user_attr(trial_id, key, value)
+
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        """A new RUNNING trial of ``study`` (an enqueued one first), sampled by its sampler.
+
+        Retried after an outage, a trial Optuna created before the connection dropped stays
+        RUNNING with no claim: the workers' orphan check fails it after a grace period."""
+        with warnings.catch_warnings():
+            # Optuna's heartbeat thread runs only in optimize(); the worker heartbeats itself.
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            return study.ask()
+
+    def suggest(self, trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+        """The trial's parameters from ``space`` (:func:`suggest_params`). Retried, the parameters
+        already written come back as they were (Optuna returns a trial's known parameter)."""
+        return suggest_params(trial, space)
+
+    def report(self, trial: optuna.Trial, value: float, step: int) -> None:
+        """Optuna's intermediate value of ``trial`` at ``step`` (what optuna-dashboard draws)."""
+        trial.report(value, step=step)
+
+    def set_constraint(self, trial: optuna.Trial, key: str, value: float) -> None:
+        """A requirement's violation (feasible when <= 0), recorded before the tell."""
+        trial.set_constraint(key, value)
+
+    def enqueue(
+        self, study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, Any]
+    ) -> None:
+        """A trial with fixed ``params`` waiting in ``study`` (see :func:`enqueue`)."""
+        enqueue(study, params, user_attrs)
+
+    def set_status(self, study: optuna.Study, status: str, reason: str | None = None) -> None:
+        """Set a study's status (and the ``reason`` of a failure)."""
+        set_status(study, status, reason)
 
     def tell(self, study: optuna.Study, trial: optuna.Trial, values: Sequence[float]) -> bool:
         """Complete ``trial`` with ``values``; ``False`` when another worker finished it."""

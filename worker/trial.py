@@ -14,7 +14,10 @@
   epochs done);
 - ``"pruned"``: ``should_prune`` stopped it after ``pruned_at_epoch`` epochs (MLflow run KILLED
   with the epochs done and the tag ``liptune.status=pruned``; nothing is exported or tested: the
-  values it reached are its last epoch's validation metrics).
+  values it reached are its last epoch's validation metrics);
+- ``"failed"`` too when an allocation failed (host or device memory): the reason starts
+  ``out of memory:`` and names the model, the batch size and the allocation; nothing is logged
+  to MLflow and what the trial had allocated is released, so its worker goes on.
 
 A spec that cannot run at all (missing data set, an architecture that does not fit the input, a
 loss without a variant for the task) raises before anything is trained or logged:
@@ -23,8 +26,10 @@ loss without a variant for the task) raises before anything is trained or logged
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import tempfile
 import threading
 import time
@@ -66,7 +71,7 @@ _log = logging.getLogger(__name__)
 #: constraints evidently did not hold (rounding and Björck's tolerance stay far below 1 %), so
 #: the trial is not a result of the constrained architecture it claims to be.
 LIPSCHITZ_TOLERANCE = 0.01
-FAILURE_TAG = "liptune.failure_reason"
+FAILURE_TAG = tracking.FAILURE_TAG
 # Parameter initialisation draws from torch's global generator: seeding and building happen
 # under one lock so that trials in parallel threads stay reproducible.
 _init_lock = threading.Lock()
@@ -136,49 +141,91 @@ def run_trial(
     started_at = time.time()
     roots = data_roots if data_roots is not None else default_data_roots(liptune_home())
     test: Predictions | None = None
-    with _torch_threads(threads or spec.training.threads):
-        with _timed(timings, "data"):
-            splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
-        torch_device = resolve_device(device or spec.training.device)
-        with _init_lock:
-            torch.manual_seed(spec.seed)
-            model = build_model(spec.model, splits.input_shape, splits.num_classes)
-        loss_fn = build_loss(spec.loss, splits.task)
-        model.to(torch_device)
-        mode = model.certificate_mode
-        with _timed(timings, "training"):
-            run = train(
-                model,
-                loss_fn,
-                splits,
-                spec.training,
-                eps=spec.eps,
-                mode=mode,
-                device=torch_device,
-                seed=spec.seed,
-                should_stop=should_stop,
-                on_epoch=on_epoch,
-                should_prune=should_prune,
-                on_progress=on_progress,
-            )
-        result = TrialResult(
-            status="completed", epochs=run.epochs, certificate_mode=mode, timings=timings
-        )
-        if run.failure_reason is not None:
-            result.status, result.failure_reason = "failed", run.failure_reason
-        elif run.cancelled:
-            result.status = "cancelled"
-        elif run.pruned_at_epoch is not None:
-            result.status, result.pruned_at_epoch = "pruned", run.pruned_at_epoch
-        else:
-            with full_precision():
-                test = _finish(result, model, splits, spec, run, torch_device)
-        if tracking is not None:
-            with _timed(timings, "tracking"):
-                _record(
-                    result, test, spec, run, splits, tracking, experiment, tags or {}, started_at
+    try:
+        with _torch_threads(threads or spec.training.threads):
+            with _timed(timings, "data"):
+                splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
+            torch_device = resolve_device(device or spec.training.device)
+            with _init_lock:
+                torch.manual_seed(spec.seed)
+                model = build_model(spec.model, splits.input_shape, splits.num_classes)
+            loss_fn = build_loss(spec.loss, splits.task)
+            model.to(torch_device)
+            mode = model.certificate_mode
+            with _timed(timings, "training"):
+                run = train(
+                    model,
+                    loss_fn,
+                    splits,
+                    spec.training,
+                    eps=spec.eps,
+                    mode=mode,
+                    device=torch_device,
+                    seed=spec.seed,
+                    should_stop=should_stop,
+                    on_epoch=on_epoch,
+                    should_prune=should_prune,
+                    on_progress=on_progress,
                 )
+            result = TrialResult(
+                status="completed", epochs=run.epochs, certificate_mode=mode, timings=timings
+            )
+            if run.failure_reason is not None:
+                result.status, result.failure_reason = "failed", run.failure_reason
+            elif run.cancelled:
+                result.status = "cancelled"
+            elif run.pruned_at_epoch is not None:
+                result.status, result.pruned_at_epoch = "pruned", run.pruned_at_epoch
+            else:
+                with full_precision():
+                    test = _finish(result, model, splits, spec, run, torch_device)
+            if tracking is not None:
+                with _timed(timings, "tracking"):
+                    _record(
+                        result,
+                        test,
+                        spec,
+                        run,
+                        splits,
+                        tracking,
+                        experiment,
+                        tags or {},
+                        started_at,
+                    )
+    except Exception as error:
+        if not allocation_failed(error):
+            raise
+        # Leaving the handler drops the traceback's frames, and with them what the trial had
+        # allocated: the worker goes on to its next trial.
+        return TrialResult(
+            status="failed",
+            failure_reason=out_of_memory_reason(spec, device or spec.training.device, error),
+            timings=timings,
+        )
     return result
+
+
+def allocation_failed(error: BaseException) -> bool:
+    """Whether ``error`` is a failed memory allocation (host or device) rather than a bug."""
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+_ALLOCATION = re.compile(r"allocate (\d+) bytes|[Tt]ried to allocate ([\d.]+ [KMGTP]?i?B)")
+
+
+def out_of_memory_reason(spec: TrialSpec, device: str, error: BaseException) -> str:
+    """``out of memory: ...`` naming the model as the spec gives it, the batch size, the device
+    and, where the allocator said it, the size of the allocation that failed."""
+    fields = spec.model.model_dump(mode="json", exclude_defaults=True)
+    model = json.dumps({"name": spec.model.name, **fields})
+    reason = f"out of memory: model {model} at batch size {spec.training.batch_size} on {device}"
+    match = _ALLOCATION.search(str(error))
+    if match is None:
+        return reason
+    size = match[2] or f"{int(match[1]) / 2**30:.2f} GiB"
+    return f"{reason}: could not allocate {size}"
 
 
 def _finish(
@@ -305,7 +352,7 @@ def _record(
     }
     if result.failure_reason:
         run_tags[FAILURE_TAG] = result.failure_reason
-    trial_number = tags.get("liptune.trial_number")
+    trial_number = tags.get(tracking.TRIAL_NUMBER_TAG)
     run_id = tracking.start_run(
         config,
         experiment=experiment or f"liptune/train/{spec.name}",
@@ -315,6 +362,23 @@ def _record(
         start_time=started_at,
     )
     result.run_id = run_id
+    try:
+        _write_run(result, test, spec, run, splits, config, run_id)
+    except tracking.TrackingUnavailable:
+        tracking.abandon_run(config, run_id)  # ended as FAILED once MLflow is back
+        raise
+
+
+def _write_run(
+    result: TrialResult,
+    test: Predictions | None,
+    spec: TrialSpec,
+    run: TrainingRun,
+    splits: DataSplits,
+    config: tracking.TrackingConfig,
+    run_id: str,
+) -> None:
+    """Log the outcome to the started run ``run_id`` and end it."""
     if result.status == "failed":
         tracking.end_run(config, run_id, "FAILED")
         return

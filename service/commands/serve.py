@@ -109,10 +109,11 @@ def worker_command(settings: Settings, index: int, threads: int) -> list[str]:
 
 
 def prepare_tracking_store(tracking_uri: str) -> None:
-    """Create (or migrate) MLflow's store once, before several workers would race to."""
-    from mlflow import MlflowClient
+    """Create (or migrate) MLflow's store once, before several workers would race to, under the
+    lock the workers take on a local store (an external worker may start at the same moment)."""
+    from worker.tracking import TrackingConfig
 
-    MlflowClient(tracking_uri).search_experiments(max_results=1)
+    TrackingConfig(tracking_uri).client.search_experiments(max_results=1)
 
 
 @dataclass

@@ -7,9 +7,12 @@ from sqlalchemy import create_engine, pool
 
 from service.db import Base
 from service.migrations import VERSION_TABLE
+from worker.storage import engine_kwargs
 
 config = context.config
-engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+url = config.get_main_option("sqlalchemy.url")
+# SQLite: wait for another process's write lock as every liptune connection does (not 5 s).
+engine = create_engine(url, poolclass=pool.NullPool, **engine_kwargs(url))
 
 with engine.connect() as connection:
     context.configure(
