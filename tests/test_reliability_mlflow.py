@@ -1,11 +1,13 @@
 """A real ``mlflow server`` stopped under a running ``liptune worker`` and started again: the
 trial whose record could not be written fails with the reason after a bounded, logged retry,
 its parameters are re-enqueued, and the study still ends with exactly ``n_trials`` trials,
-each with one FINISHED MLflow run."""
+each with one FINISHED MLflow run; the run the outage cut short is ended as FAILED once MLflow
+is back, so no run stays RUNNING."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -18,6 +20,7 @@ from test_topology import BIN, Services, _healthy, child_env, free_port, wait_fo
 from service.app import create_app
 from service.config import Settings
 from worker.studies import optuna_study_name
+from worker.tracking import ABANDONED_REASON, FAILURE_TAG
 
 N_TRIALS = 3
 
@@ -87,7 +90,15 @@ def test_an_mlflow_outage_fails_the_trial_with_a_reason_and_retries_its_paramete
             return study.get_trials(deepcopy=False, states=(state,))
 
         wait_for("a first trial", lambda: trials(TrialState.COMPLETE) or None, 300, worker)
-        mlflow.kill()  # the server goes away in the middle of the study
+        tracker = MlflowClient(mlflow_url)
+
+        def running_runs() -> list[Any]:
+            experiments = [e.experiment_id for e in tracker.search_experiments()]
+            return tracker.search_runs(experiments, filter_string="attributes.status = 'RUNNING'")
+
+        # The server goes away in the middle of the study, while a trial writes its run.
+        (half_written,) = wait_for("a run being written", lambda: running_runs() or None, 300)
+        mlflow.kill()
         failed = wait_for("a failed trial", lambda: trials(TrialState.FAIL) or None, 300, worker)
         mlflow = services.start("mlflow-again", mlflow_command(port, tmp_path), child_env())
         wait_for("MLflow again", lambda: _healthy(f"{mlflow_url}/health"), 120, mlflow)
@@ -114,5 +125,11 @@ def test_an_mlflow_outage_fails_the_trial_with_a_reason_and_retries_its_paramete
         )
         finished = [run.data.tags.get("liptune.trial_number") for run in runs]
         assert sorted(finished) == sorted(str(t.number) for t in complete)
+        # The run the outage cut short was ended once MLflow answered again: none is RUNNING.
+        assert running_runs() == []
+        abandoned = tracker.get_run(half_written.info.run_id)
+        assert abandoned.info.status == "FAILED"
+        assert abandoned.data.tags[FAILURE_TAG] == ABANDONED_REASON
+        assert "ended MLflow runs abandoned in an outage as FAILED" in log
     finally:
         services.stop_all()

@@ -3,17 +3,31 @@ model, its ONNX file and radii, and the registry round trip."""
 
 from __future__ import annotations
 
+import http.client
+
 import mlflow
 import numpy as np
 import onnxruntime
 import pytest
+import requests
 import torch
+from mlflow.exceptions import MlflowException
 
 from worker.datasets import load_dataset
 from worker.radii import RadiiSummary
 from worker.spec import TrialSpec
 from worker.store import using_tracking_uri
-from worker.tracking import MODEL_URI_TAG, TrackingConfig, flatten_params, register_model
+from worker.tracking import (
+    MODEL_URI_TAG,
+    TRIAL_NUMBER_TAG,
+    TrackingConfig,
+    end_orphaned_runs,
+    end_run,
+    flatten_params,
+    mlflow_unreachable,
+    register_model,
+    start_run,
+)
 from worker.trial import FAILURE_TAG, run_trial
 
 torch.set_num_threads(1)
@@ -222,3 +236,63 @@ def test_registered_model_serves_where_liptune_is_not_importable(tracked, tmp_pa
     with torch.no_grad():
         expected = result.model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.array(json.loads(done.stdout)), expected, atol=1e-6)
+
+
+def test_only_running_runs_of_finished_trials_are_ended_as_orphans(tmp_path):
+    config = TrackingConfig.for_home(tmp_path)
+    assert end_orphaned_runs(config, "liptune/none/0", {0: "FAIL"}) == []  # no experiment yet
+
+    def run(number: str) -> str:
+        return start_run(
+            config,
+            experiment=EXPERIMENT,
+            run_name=number,
+            params={},
+            tags={TRIAL_NUMBER_TAG: number},
+        )
+
+    failed, writing, unknown, pruned = run("0"), run("1"), run("9"), run("3")
+    done = run("2")
+    end_run(config, done, "FINISHED")
+    states = {0: "FAIL", 1: "RUNNING", 2: "COMPLETE", 3: "PRUNED"}
+    assert sorted(end_orphaned_runs(config, EXPERIMENT, states)) == sorted([failed, pruned])
+    status = {
+        run_id: config.client.get_run(run_id).info.status
+        for run_id in (failed, writing, unknown, pruned, done)
+    }
+    assert status == {
+        failed: "FAILED",
+        writing: "RUNNING",  # its trial is live: its worker is still writing it
+        unknown: "RUNNING",  # not a trial this study knows
+        pruned: "FAILED",
+        done: "FINISHED",
+    }
+    assert "trial 3 is PRUNED" in config.client.get_run(pruned).data.tags[FAILURE_TAG]
+    assert end_orphaned_runs(config, EXPERIMENT, states) == []  # nothing left to end
+
+
+@pytest.mark.parametrize(
+    ("error", "unreachable"),
+    [
+        # a server killed while it answered (seen in CI): the response is cut off
+        (
+            MlflowException(
+                "API request to http://127.0.0.1:1/api/2.0/mlflow/logged-models/m-1 failed with "
+                "exception ('Connection broken: IncompleteRead(0 bytes read, 478 more expected)', "
+                "IncompleteRead(0 bytes read, 478 more expected))"
+            ),
+            True,
+        ),
+        (requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"), True),
+        (http.client.IncompleteRead(b"", 478), True),
+        (requests.ConnectionError("Connection refused"), True),
+        (MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'x' not found"), False),
+        (ValueError("bad metric"), False),
+    ],
+    ids=["mlflow-cut-off", "chunked", "incomplete-read", "refused", "not-found", "other"],
+)
+def test_a_cut_off_response_counts_as_mlflow_unreachable(error, unreachable):
+    assert mlflow_unreachable(error) is unreachable
+    wrapped = RuntimeError("while logging")
+    wrapped.__cause__ = error
+    assert mlflow_unreachable(wrapped) is unreachable

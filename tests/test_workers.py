@@ -27,8 +27,8 @@ from worker import claims
 from worker.pool import Worker, WorkerOptions, run_worker
 from worker.record import TrialRecord
 from worker.storage import transaction_engine
-from worker.studies import cancel_study, create_study, optuna_study_name
-from worker.tracking import TrackingConfig
+from worker.studies import cancel_study, create_study, experiment_name, optuna_study_name
+from worker.tracking import FAILURE_TAG, TRIAL_NUMBER_TAG, TrackingConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -37,13 +37,13 @@ FAST_LIVENESS = ("--heartbeat-interval", "1", "--grace-period", "3")
 LONG_TRIAL = {"epochs": 400, "batch_size": 64, "lr": 0.01, "device": "cpu"}
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
@@ -126,20 +126,14 @@ def in_thread(target: Callable[[], Any]) -> threading.Thread:
     return thread
 
 
-def test_a_killed_workers_trial_is_failed_and_retried(
-    storage_url: str, tiny_study_spec: Callable[..., Any], worker_processes: Any
+def complete_with_a_survivor(
+    storage_url: str, study: optuna.Study, tracking: TrackingConfig | None = None
 ) -> None:
-    spec = tiny_study_spec(
-        n_trials=2, training={**LONG_TRIAL, "epochs": 12}, search_space={"loss": "tau_ce"}
-    )
-    study_id, study = new_study(storage_url, spec)
-    victim = worker_processes.start(storage_url, "--mlflow", "none", *FAST_LIVENESS, name="victim")
-    killed = wait_for(lambda: training_trial(study), 120, "the victim to train")
-    assert stop(victim, signal.SIGKILL) == -signal.SIGKILL
-
+    """Run an in-process worker ("survivor", fast liveness) until ``study`` completes."""
     survivor = Worker(
         WorkerOptions(
             storage_url=storage_url,
+            tracking=tracking,
             threads=1,
             device="cpu",
             heartbeat_interval=1,
@@ -159,6 +153,20 @@ def test_a_killed_workers_trial_is_failed_and_retried(
         survivor.stop()
         thread.join(timeout=60)
     assert not thread.is_alive()
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(
+    storage_url: str, tiny_study_spec: Callable[..., Any], worker_processes: Any
+) -> None:
+    spec = tiny_study_spec(
+        n_trials=2, training={**LONG_TRIAL, "epochs": 12}, search_space={"loss": "tau_ce"}
+    )
+    study_id, study = new_study(storage_url, spec)
+    victim = worker_processes.start(storage_url, "--mlflow", "none", *FAST_LIVENESS, name="victim")
+    killed = wait_for(lambda: training_trial(study), 120, "the victim to train")
+    assert stop(victim, signal.SIGKILL) == -signal.SIGKILL
+
+    complete_with_a_survivor(storage_url, study)
 
     failed = study.trials[killed.number]
     assert failed.state == TrialState.FAIL
@@ -256,6 +264,45 @@ def test_trials_are_tracked_in_the_studys_mlflow_experiment(
     assert trial.user_attrs["liptune.model_uri"].startswith("models:/")
 
 
+def test_a_run_its_killed_worker_left_running_is_ended_by_the_next_logged_trial(
+    storage_url: str, tiny_study_spec: Callable[..., Any], worker_processes: Any
+) -> None:
+    """A real ``liptune worker`` SIGKILLed while it writes its trial's MLflow run (the run is
+    created after training, ended after the model, ONNX and radii are logged) leaves the run
+    RUNNING; once the orphan check has failed the trial, the next trial a worker logs ends it."""
+    spec = tiny_study_spec(n_trials=2)
+    study_id, study = new_study(storage_url, spec)
+    tracking = TrackingConfig.for_home(worker_processes.home)  # the workers' default store
+    victim = worker_processes.start(storage_url, *FAST_LIVENESS, name="victim")
+
+    def running_run() -> Any:
+        found = tracking.client.get_experiment_by_name(experiment_name(spec, study_id))
+        if found is None:
+            return None
+        runs = tracking.client.search_runs(
+            [found.experiment_id], filter_string="attributes.status = 'RUNNING'"
+        )
+        return runs[0] if runs else None
+
+    orphan = wait_for(running_run, 240, "the victim to write a run", interval=0.01)
+    assert stop(victim, signal.SIGKILL) == -signal.SIGKILL
+
+    complete_with_a_survivor(storage_url, study, tracking)
+    complete = trials_in(study, TrialState.COMPLETE)
+    assert len(complete) == 2
+    run_ids = {t.user_attrs["liptune.mlflow_run_id"] for t in complete}
+    assert orphan.info.run_id not in run_ids
+    assert {tracking.client.get_run(run_id).info.status for run_id in run_ids} == {"FINISHED"}
+    ended = tracking.client.get_run(orphan.info.run_id)
+    assert ended.info.status == "FAILED"
+    number = ended.data.tags[TRIAL_NUMBER_TAG]
+    assert study.trials[int(number)].state == TrialState.FAIL
+    assert ended.data.tags[FAILURE_TAG].startswith(
+        f"its worker stopped before the run was ended (trial {number} is FAIL:"
+    )
+    assert running_run() is None
+
+
 def test_a_study_whose_trials_keep_failing_ends_as_failed(
     sqlite_url: str, tiny_study_spec: Callable[..., Any]
 ) -> None:
@@ -308,3 +355,26 @@ def test_completing_a_study_fails_a_trial_no_claim_holds(
     assert study.trials[orphan.number].state == TrialState.FAIL
     assert study.trials[orphan.number].user_attrs["liptune.failure_reason"] == "no worker holds it"
     assert len(trials_in(study, TrialState.COMPLETE)) == 1
+
+
+def test_completing_a_study_spares_a_trial_its_worker_is_telling(
+    storage_url: str, tiny_study_spec: Callable[..., Any]
+) -> None:
+    """A worker completes its claim before telling Optuna; another worker that sees every slot
+    complete in between must not fail that trial (a race CI hit with three workers)."""
+    _, study = new_study(storage_url, tiny_study_spec(n_trials=1))
+    engine = transaction_engine(storage_url)
+    claim = claims.claim_slot(engine, study.study_name, n_trials=1, worker_id="teller")
+    assert claim is not None
+    telling = study.ask()
+    claims.record_trial(engine, claim, trial_id=telling._trial_id, trial_number=telling.number)
+    assert claims.finish(engine, claim, claims.COMPLETE)
+    orphan = study.ask()  # and a worker that died between asking and recording its trial
+
+    options = WorkerOptions(storage_url=storage_url, threads=1, device="cpu", exit_when_idle=True)
+    assert Worker(options).run() == 0
+    assert study.user_attrs["liptune.status"] == "completed"
+    assert study.trials[telling.number].state == TrialState.RUNNING
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    study.tell(telling, [0.5, 0.25])  # the teller goes on
+    assert [t.number for t in trials_in(study, TrialState.COMPLETE)] == [telling.number]

@@ -37,7 +37,6 @@ import socket
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from worker.pruning import MOASHA
 from worker.record import TrialRecord
 from worker.retry import retrying
 from worker.samplers import build_sampler, worker_seed
-from worker.search_space import enqueue, suggest_params, trial_params
+from worker.search_space import trial_params
 from worker.spec import StudySpec
 from worker.storage import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from worker.store import StudyStore
@@ -61,11 +60,16 @@ from worker.studies import (
     COMPLETED,
     FAILED,
     RUNNING,
+    experiment_name,
     load_spec,
-    set_status,
-    study_status,
 )
-from worker.tracking import TrackingConfig, TrackingUnavailable
+from worker.tracking import (
+    TRIAL_NUMBER_TAG,
+    TrackingConfig,
+    TrackingUnavailable,
+    end_abandoned_runs,
+    end_orphaned_runs,
+)
 from worker.trial import TrialResult, run_trial
 
 logger = logging.getLogger("liptune.worker")
@@ -263,17 +267,14 @@ class Worker:
         study = self.store.load_study(claim.study_name, self._sampler(claim.study_name, spec))
         with Heartbeat(self.store, claim, self.options.heartbeat_interval) as beat:
             try:
-                with warnings.catch_warnings():
-                    # Optuna's heartbeat thread runs only in optimize(); Heartbeat does its work.
-                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                    trial = study.ask()
+                trial = self.store.ask(study)
             except Exception as error:  # the slot is freed; the failure budget bounds retries
                 logger.exception("asking %s for a trial failed", claim.study_name)
                 self.store.finish_claim(claim, claims.FAILED, f"ask failed: {error!r}")
                 return
             trial_id = self.store.attach(claim, trial)
             beat.attach(trial_id)
-            TrialRecord(worker=self.options.worker_id).write(trial, "worker")
+            self.store.write_record(trial_id, TrialRecord(worker=self.options.worker_id))
             try:
                 result = self._train(study, study_id, spec, trial)
             except Exception as error:
@@ -283,25 +284,56 @@ class Worker:
                 if isinstance(error, TrackingUnavailable):  # trained, but no record: again
                     self._retry(study, spec, self.store.get_trial(trial_id))
                 return
+            if self.options.tracking is not None and result.run_id is not None:
+                self._end_abandoned_runs(self.options.tracking)  # MLflow answers again
+                self._end_orphaned_runs(
+                    self.options.tracking, study, experiment_name(spec, study_id)
+                )
             if beat.lost:
                 self._fail(study, trial, claim, "its claim was freed as stale by another worker")
                 return
             self._tell(study, spec, trial, claim, result)
 
+    def _end_abandoned_runs(self, config: TrackingConfig) -> None:
+        """End as FAILED the MLflow runs earlier trials of this worker left RUNNING when MLflow
+        went away while they were written (:func:`worker.tracking.end_abandoned_runs`)."""
+        try:
+            ended = end_abandoned_runs(config)
+        except TrackingUnavailable as error:  # gone again: the next logged trial tries again
+            logger.warning("abandoned MLflow runs not ended yet: %s", error)
+            return
+        if ended:
+            logger.info("ended MLflow runs abandoned in an outage as FAILED: %s", ended)
+
+    def _end_orphaned_runs(
+        self, config: TrackingConfig, study: optuna.Study, experiment: str
+    ) -> None:
+        """End as FAILED the study's MLflow runs whose writer died: RUNNING runs of trials that
+        are no longer RUNNING (:func:`worker.tracking.end_orphaned_runs`)."""
+        try:
+            states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+            ended = end_orphaned_runs(config, experiment, states)
+        except Exception:  # housekeeping: the trained trial is told whatever the stores say
+            logger.exception("orphaned MLflow runs of %s not ended yet", experiment)
+            return
+        if ended:
+            logger.info("ended MLflow runs whose worker stopped as FAILED: %s", ended)
+
     def _train(
         self, study: optuna.Study, study_id: str, spec: StudySpec, trial: optuna.Trial
     ) -> TrialResult:
-        params = suggest_params(trial, spec.search_space)
+        params = self.store.suggest(trial, spec.search_space)
         trial_spec = spec.trial_spec(params, seed=spec.trial_seed(trial.number))
+        trial_id = self.store.trial_id(trial)
         epochs: list[dict[str, Any]] = []
         # Optuna keeps intermediate values for one objective only.
         reported = f"val_{spec.objectives[0].key}" if len(spec.objectives) == 1 else None
 
         def on_epoch(record: dict[str, Any]) -> None:
             epochs.append(record)
-            TrialRecord(epochs=epochs).write(trial, "epochs")
+            self.store.write_record(trial_id, TrialRecord(epochs=epochs), "epochs")
             if reported is not None and reported in record:
-                trial.report(float(record[reported]), step=int(record["epoch"]))
+                self.store.report(trial, float(record[reported]), int(record["epoch"]))
 
         pruner = MOASHA(spec) if spec.pruner.name == "mo-asha" else None
 
@@ -315,10 +347,10 @@ class Worker:
         return run_trial(
             trial_spec,
             tracking=self.options.tracking,
-            experiment=f"liptune/{spec.name}/{study_id}",
+            experiment=experiment_name(spec, study_id),
             tags={
                 "liptune.study_id": study_id,
-                "liptune.trial_number": str(trial.number),
+                TRIAL_NUMBER_TAG: str(trial.number),
                 "liptune.loss_family": params["loss"],
             },
             should_stop=self._should_stop(study),
@@ -352,7 +384,7 @@ class Worker:
         claim: Claim,
         result: TrialResult,
     ) -> None:
-        _result_record(result).write(trial)
+        self.store.write_record(self.store.trial_id(trial), _result_record(result))
         if result.status == "cancelled":
             status = self.store.study_status(study.study_name)
             if status == RUNNING:
@@ -395,7 +427,9 @@ class Worker:
                 else (f"<={requirement.max:g}")
             )
             value = result.metrics[requirement.key]
-            trial.set_constraint(f"{requirement.key}{bound}", requirement.violation(value))
+            self.store.set_constraint(
+                trial, f"{requirement.key}{bound}", requirement.violation(value)
+            )
         # The claim decides: a trial whose claim was freed as stale meanwhile does not count.
         if not self.store.finish_claim(claim, claims.COMPLETE):
             self._fail(study, trial, claim, "its claim was freed as stale by another worker")
@@ -446,7 +480,7 @@ class Worker:
                 self._fail_stale_trial(study, spec, claim.trial_id, reason)
         # A worker that died between Optuna's ask and recording the trial on its claim leaves a
         # RUNNING trial no claim knows; fail it once it has stayed so for a grace period.
-        live = self.store.live_trial_ids(study_name)
+        live = self.store.claimed_trial_ids(study_name)
         seen = self._orphans_seen.get(study_name, {})
         orphans = {
             trial_id: seen.get(trial_id, now)
@@ -475,18 +509,22 @@ class Worker:
         if retries >= spec.max_retries or "loss" not in params:
             return
         retry = TrialRecord(retry_of=trial.number, retries=retries + 1)
-        enqueue(study, params, retry.user_attrs("retry_of", "retries"))
+        self.store.enqueue(study, params, retry.user_attrs("retry_of", "retries"))
 
     def _set_status(self, study_name: str, status: str, reason: str | None = None) -> None:
-        study = self.store.load_study(study_name)
-        if study_status(study) != RUNNING:
+        if self.store.study_status(study_name) != RUNNING:
             return
-        set_status(study, status, reason)
+        study = self.store.load_study(study_name)
+        self.store.set_status(study, status, reason)
         if status == COMPLETED:
-            # Every slot is complete, so no claim is running: a RUNNING trial left now belongs
-            # to a worker that died between asking Optuna and recording the trial on its claim.
+            # Every slot is complete, so no claim is running: a RUNNING trial no claim knows
+            # belongs to a worker that died between asking Optuna and recording the trial on its
+            # claim. A trial on a complete claim is being told by its worker right now (the claim
+            # completes first), so it is left alone.
+            claimed = self.store.claimed_trial_ids(study_name, (claims.RUNNING, claims.COMPLETE))
             for trial_id in self.store.running_trial_ids(study):
-                self._fail_stale_trial(study, None, trial_id, "no worker holds it")
+                if trial_id not in claimed:
+                    self._fail_stale_trial(study, None, trial_id, "no worker holds it")
 
 
 def _result_record(result: TrialResult) -> TrialRecord:

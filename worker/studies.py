@@ -66,6 +66,11 @@ def optuna_study_name(study_id: str) -> str:
     return f"{STUDY_PREFIX}{study_id}"
 
 
+def experiment_name(spec: StudySpec, study_id: str) -> str:
+    """The MLflow experiment of the service's study ``study_id``: one run per trial."""
+    return f"liptune/{spec.name}/{study_id}"
+
+
 def _as_storage(storage: Storage) -> optuna.storages.BaseStorage:
     return open_storage(storage) if isinstance(storage, str) else storage
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import itertools
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,9 +47,11 @@ import mlflow.onnx
 import mlflow.pytorch
 import onnx
 import requests
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from sqlalchemy.engine import make_url
 
 import liptune
 from worker.paths import default_artifact_root, default_tracking_uri
@@ -59,6 +63,10 @@ T = TypeVar("T")
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
+#: The run tag that holds why a run FAILED.
+FAILURE_TAG = "liptune.failure_reason"
+#: The run tag that holds the number of the Optuna trial the run records.
+TRIAL_NUMBER_TAG = "liptune.trial_number"
 #: The run tag that holds the logged model's URI (``models:/m-...``).
 MODEL_URI_TAG = "liptune.model_uri"
 MODEL_NAME = "model"
@@ -103,10 +111,11 @@ _RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 
 def mlflow_unreachable(error: BaseException) -> bool:
     """Whether ``error`` means the tracking server could not be reached (connection refused or
-    reset, name resolution, timeouts), not that it refused the request."""
+    reset, a response cut off by a server that died, name resolution, timeouts), not that it
+    refused the request."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, (ConnectionError, TimeoutError, requests.ConnectionError)):
+        if isinstance(seen, _TRANSPORT_ERRORS):
             return True
         if isinstance(seen, MlflowException) and any(
             marker in seen.message for marker in _UNREACHABLE_MARKERS
@@ -116,8 +125,21 @@ def mlflow_unreachable(error: BaseException) -> bool:
     return False
 
 
+_TRANSPORT_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    http.client.IncompleteRead,
+    requests.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,  # "Connection broken": not a ConnectionError
+)
 # MLflow's REST client reports a transport failure as an MlflowException quoting the cause.
-_UNREACHABLE_MARKERS = ("Max retries exceeded", "Connection refused", "ConnectionError")
+_UNREACHABLE_MARKERS = (
+    "Max retries exceeded",
+    "Connection refused",
+    "ConnectionError",
+    "Connection broken",
+    "Connection aborted",
+)
 
 
 def _retrying(call: Callable[..., T]) -> Callable[..., T]:
@@ -153,7 +175,29 @@ def _retrying(call: Callable[..., T]) -> Callable[..., T]:
 
 @lru_cache(maxsize=8)
 def _client(tracking_uri: str) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    database = _local_database(tracking_uri)
+    if database is None:
+        return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # MLflow's tracking and registry stores each create a fresh database's tables and run its
+    # Alembic history when they find tables missing, with no lock: workers starting together on
+    # a fresh local store fail with "table ... already exists" or "duplicate column". Each
+    # process opens both stores (cached by MLflow per URI) once, under a lock beside the file,
+    # so one process creates the schema and the others find it complete.
+    with FileLock(f"{database}.init.lock", timeout=STORE_INIT_TIMEOUT_S):
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client.search_registered_models(max_results=1)
+    return client
+
+
+#: How long a process waits for another one creating a fresh local MLflow store's schema.
+STORE_INIT_TIMEOUT_S = 300.0
+
+
+def _local_database(tracking_uri: str) -> str | None:
+    """The file of a SQLite tracking URI (``sqlite:///PATH``); ``None`` for any other store."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    return make_url(tracking_uri).database or None
 
 
 def experiment_id(config: TrackingConfig, name: str) -> str:
@@ -189,7 +233,6 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-@_retrying
 def start_run(
     config: TrackingConfig,
     *,
@@ -199,18 +242,124 @@ def start_run(
     tags: Mapping[str, str],
     start_time: float | None = None,
 ) -> str:
-    """Create a run with its parameters and tags (one round trip after creation); its id."""
-    client = config.client
+    """Create a run with its tags, then write its parameters (one round trip); its id.
+
+    The tags come with the creation, so a run is never without them (:func:`end_orphaned_runs`
+    finds a dead writer's run by its trial number). The creation and the parameters are retried
+    apart, so an outage between them does not create a second run; a run whose parameters could
+    not be written is abandoned (:func:`abandon_run`)."""
     start_ms = int(1000 * (start_time if start_time is not None else time.time()))
+    run_id = _create_run(config, experiment, run_name, start_ms, tags)
+    try:
+        _log_params(config, run_id, params)
+    except TrackingUnavailable:
+        abandon_run(config, run_id)
+        raise
+    return run_id
+
+
+@_retrying
+def _create_run(
+    config: TrackingConfig,
+    experiment: str,
+    run_name: str,
+    start_ms: int,
+    tags: Mapping[str, str],
+) -> str:
+    client = config.client
     run = client.create_run(
-        experiment_id(config, experiment), start_time=start_ms, run_name=run_name
-    )
-    client.log_batch(
-        run.info.run_id,
-        params=[Param(key, str(value)) for key, value in params.items()],
-        tags=[RunTag(key, str(value)) for key, value in tags.items()],
+        experiment_id(config, experiment),
+        start_time=start_ms,
+        tags={key: str(value) for key, value in tags.items()},
+        run_name=run_name,
     )
     return run.info.run_id
+
+
+@_retrying
+def _log_params(config: TrackingConfig, run_id: str, params: Mapping[str, str]) -> None:
+    config.client.log_batch(
+        run_id, params=[Param(key, str(value)) for key, value in params.items()]
+    )
+
+
+# tracking URI -> ids of the runs this process left RUNNING when MLflow became unreachable
+_abandoned: dict[str, set[str]] = {}
+_abandoned_lock = threading.Lock()
+ABANDONED_REASON = (
+    "MLflow became unreachable while this run was written; its trial failed and its "
+    "parameters were enqueued again"
+)
+
+
+def abandon_run(config: TrackingConfig, run_id: str) -> None:
+    """Note that ``run_id`` was left RUNNING by an outage: :func:`end_abandoned_runs` ends it
+    once MLflow answers again."""
+    with _abandoned_lock:
+        _abandoned.setdefault(config.tracking_uri, set()).add(run_id)
+
+
+def end_abandoned_runs(config: TrackingConfig) -> list[str]:
+    """End each run this process abandoned on ``config``'s store as FAILED, with the reason in
+    :data:`FAILURE_TAG` (unless something else ended it meanwhile); the ids of those ended.
+    Call it when MLflow has just answered (each call waits out an outage like any other)."""
+    with _abandoned_lock:
+        pending = sorted(_abandoned.get(config.tracking_uri, ()))
+    ended = []
+    for run_id in pending:
+        if _end_abandoned_run(config, run_id):
+            ended.append(run_id)
+        with _abandoned_lock:
+            _abandoned[config.tracking_uri].discard(run_id)
+    return ended
+
+
+ORPHANED_REASON = (
+    "its worker stopped before the run was ended (trial {number} is {state}: a killed worker, "
+    "or MLflow unreachable); ended by a later trial of the study"
+)
+
+
+@_retrying
+def end_orphaned_runs(
+    config: TrackingConfig, experiment: str, trial_states: Mapping[int, str]
+) -> list[str]:
+    """End as FAILED each RUNNING run of ``experiment`` whose trial (tag ``liptune.
+    trial_number``) has a state other than ``RUNNING`` in ``trial_states`` (Optuna's, by trial
+    number): a run is RUNNING only while a live trial writes it, so such a run's writer died (a
+    killed worker, or one that exited before MLflow came back after an outage). Runs of trials
+    not in ``trial_states`` are left alone. The ids of those ended."""
+    client = config.client
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    ended = []
+    runs = client.search_runs(
+        [found.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    for run in runs:
+        number = run.data.tags.get(TRIAL_NUMBER_TAG)
+        state = trial_states.get(int(number)) if number and number.isdigit() else None
+        if state is None or state == "RUNNING":
+            continue
+        _fail_run(client, run.info.run_id, ORPHANED_REASON.format(number=number, state=state))
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _fail_run(client: mlflow.MlflowClient, run_id: str, reason: str) -> None:
+    """End ``run_id`` as FAILED with ``reason`` in :data:`FAILURE_TAG`."""
+    client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason)])
+    client.set_terminated(run_id, status="FAILED")
+
+
+@_retrying
+def _end_abandoned_run(config: TrackingConfig, run_id: str) -> bool:
+    client = config.client
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    _fail_run(client, run_id, ABANDONED_REASON)
+    return True
 
 
 @_retrying
