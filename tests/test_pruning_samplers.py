@@ -13,6 +13,7 @@ from worker.samplers import (
     SAMPLER_DESCRIPTIONS,
     GuidedSampler,
     build_sampler,
+    eps_anchors,
     guideline_points,
     resolve_sampler,
 )
@@ -85,26 +86,129 @@ def test_model_based_samplers_keep_working_with_pruned_trials(space: dict) -> No
     assert len(study.best_trials) >= 1
 
 
-def test_guided_points_walk_the_guideline_curves() -> None:
-    points = guideline_points(SearchSpace.model_validate(SPACE), 4)
+def test_guided_points_walk_the_guideline_curves_from_the_middle_out() -> None:
+    points = guideline_points(SearchSpace.model_validate(SPACE), 8)
     temperatures = [p["temperature"] for p in points if p["loss"] == "tau_ce"]
-    assert temperatures == [0.03, 0.3, 10.0, 100.0]
+    # the upper of the two middles (the accurate side) first, then alternating outwards
+    assert temperatures == [3.0, 10.0, 1.0, 30.0, 0.3, 100.0, 0.1, 0.03]
     hinge_only = [p["margin"] for p in points if p["loss"] == "hkr" and p["alpha_kr"] == math.inf]
-    assert hinge_only == [0.01, 0.2, 1.0, 5.0]
+    # a smaller margin is the accurate side
+    assert hinge_only == [0.5, 0.2, 1.0, 0.05, 2.0, 0.01, 5.0]
     alphas = [p["alpha_kr"] for p in points if p["loss"] == "hkr" and p["alpha_kr"] != math.inf]
-    assert alphas == [1.0, 10.0, 1000.0]
+    assert alphas == [1000.0, 100.0, 10.0, 1.0]
     middle = {p["margin"] for p in points if p["loss"] == "hkr" and p["alpha_kr"] != math.inf}
-    assert middle == {0.2}
-    # families interleaved: a small budget sees both
-    assert [p["loss"] for p in points[:2]] == ["hkr", "tau_ce"]
+    assert middle == {0.5}
+    # families interleaved, the one-parameter family first: a small budget sees both
+    assert [p["loss"] for p in points[:2]] == ["tau_ce", "hkr"]
+    # a shorter ladder is evenly picked from the list, still walked from its middle
+    short = guideline_points(SearchSpace.model_validate(SPACE), 4)
+    assert [p["temperature"] for p in short if p["loss"] == "tau_ce"] == [10.0, 100.0, 0.3, 0.03]
     ranged = guideline_points(
         SearchSpace.model_validate(
             {"loss": "hkr", "margin": {"low": 0.001, "high": 50.0}, "alpha_kr": 100.0}
         ),
         4,
     )
-    margins = [p["margin"] for p in ranged]
+    margins = sorted(p["margin"] for p in ranged)
     assert margins[0] == pytest.approx(0.01) and margins[-1] == pytest.approx(5.0)
+
+
+def _anchored(objectives: list[dict], **spec: object) -> StudySpec:
+    return StudySpec.model_validate(
+        {"name": "s", "dataset": {"name": "digits"}, "objectives": objectives, **spec}
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "margin", "temperature", "first_temperatures", "first_margins"),
+    [
+        # global head: radius (top1 - top2) / sqrt(2), so the gap g = sqrt(2) eps
+        (
+            _anchored([{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.5}]),
+            math.sqrt(0.5),
+            math.sqrt(2),
+            [1.0, 3.0, 0.3],
+            [0.5, 0.2, 1.0],
+        ),
+        (
+            _anchored([{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.1}]),
+            math.sqrt(0.02),
+            1 / math.sqrt(0.02),
+            [10.0, 30.0, 3.0],
+            [0.2, 0.05, 0.5],
+        ),
+        # classwise head: radius (top1 - top2) / 2
+        (
+            _anchored(
+                [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.5}],
+                model={"name": "mlp", "head": "classwise"},
+            ),
+            1.0,
+            1.0,
+            [1.0, 3.0, 0.3],
+            [1.0, 0.5, 2.0],
+        ),
+        # binary head: radius |f(x)| = gap, the hinge pushes y f(x) to margin / 2
+        (
+            _anchored(
+                [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.5}],
+                dataset={"name": "digits", "classes": [3, 8]},
+            ),
+            1.0,
+            2.0,
+            [3.0, 10.0, 1.0],
+            [1.0, 0.5, 2.0],
+        ),
+        # a requirement's eps counts; several eps: their geometric mean
+        (
+            _anchored(
+                [{"metric": "accuracy"}, {"metric": "mean_certified_radius"}],
+                requirements=[{"metric": "certified_accuracy", "eps": 0.5, "min": 0.3}],
+            ),
+            math.sqrt(0.5),
+            math.sqrt(2),
+            [1.0, 3.0, 0.3],
+            [0.5, 0.2, 1.0],
+        ),
+        (
+            _anchored(
+                [
+                    {"metric": "certified_accuracy", "eps": 0.05},
+                    {"metric": "certified_accuracy", "eps": 5.0},
+                ]
+            ),
+            math.sqrt(0.5),
+            math.sqrt(2),
+            [1.0, 3.0, 0.3],
+            [0.5, 0.2, 1.0],
+        ),
+    ],
+    ids=["global-0.5", "global-0.1", "classwise", "binary", "requirement", "geometric-mean"],
+)
+def test_guided_ladders_start_where_the_loss_margin_certifies_the_objectives_eps(
+    spec, margin, temperature, first_temperatures, first_margins
+) -> None:
+    anchors = eps_anchors(spec)
+    assert anchors["margin"] == pytest.approx(margin)
+    assert anchors["temperature"] == pytest.approx(temperature)
+    points = guideline_points(SearchSpace.model_validate(SPACE), 8, anchors)
+    temperatures = [p["temperature"] for p in points if p["loss"] == "tau_ce"]
+    hinge_only = [p["margin"] for p in points if p["loss"] == "hkr" and p["alpha_kr"] == math.inf]
+    assert temperatures[:3] == first_temperatures
+    assert hinge_only[:3] == first_margins
+    assert sorted(temperatures) == sorted(SPACE["temperature"])  # the whole ladder, reordered
+    # the alpha_kr ladder runs at the first margin
+    at_alphas = {p["margin"] for p in points if p["loss"] == "hkr" and p["alpha_kr"] != math.inf}
+    assert at_alphas == {first_margins[0]}
+
+
+def test_without_an_eps_the_guided_ladders_start_at_their_middle() -> None:
+    spec = _anchored([{"metric": "accuracy"}, {"metric": "mean_certified_radius"}])
+    assert eps_anchors(spec) == {}
+    sampler = build_sampler(
+        spec.model_copy(update={"search_space": SearchSpace.model_validate(SPACE)}), 0
+    )
+    assert sampler.points == guideline_points(SearchSpace.model_validate(SPACE), 8)
 
 
 def test_the_guided_sampler_trains_its_points_first_then_refines() -> None:

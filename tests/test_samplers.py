@@ -21,8 +21,12 @@ ONE_FAMILY_RANGES = {
 }
 
 
+def test_the_default_sampler_is_guided(tiny_study_spec: Callable[..., Any]) -> None:
+    assert resolve_sampler(tiny_study_spec()) == "guided"
+
+
 def test_auto_takes_gp_for_a_small_numeric_space(tiny_study_spec: Callable[..., Any]) -> None:
-    spec = tiny_study_spec(search_space=ONE_FAMILY_RANGES, n_trials=30)
+    spec = tiny_study_spec(search_space=ONE_FAMILY_RANGES, n_trials=30, sampler="auto")
     assert resolve_sampler(spec) == "gp"
     assert isinstance(build_sampler(spec, 1), optuna.samplers.GPSampler)
 
@@ -38,7 +42,7 @@ def test_auto_takes_gp_for_a_small_numeric_space(tiny_study_spec: Callable[..., 
 def test_auto_takes_tpe_for_categorical_or_conditional_spaces(
     tiny_study_spec: Callable[..., Any], search_space: dict[str, Any]
 ) -> None:
-    spec = tiny_study_spec(search_space=search_space, n_trials=30)
+    spec = tiny_study_spec(search_space=search_space, n_trials=30, sampler="auto")
     assert resolve_sampler(spec) == "tpe"
     assert isinstance(build_sampler(spec, 1), optuna.samplers.TPESampler)
 
@@ -46,9 +50,13 @@ def test_auto_takes_tpe_for_categorical_or_conditional_spaces(
 def test_auto_leaves_gp_for_budgets_it_would_be_slow_on(
     tiny_study_spec: Callable[..., Any],
 ) -> None:
-    medium = tiny_study_spec(search_space=ONE_FAMILY_RANGES, n_trials=GP_MAX_TRIALS + 1)
+    medium = tiny_study_spec(
+        search_space=ONE_FAMILY_RANGES, n_trials=GP_MAX_TRIALS + 1, sampler="auto"
+    )
     assert resolve_sampler(medium) == "tpe"
-    large = tiny_study_spec(search_space=ONE_FAMILY_RANGES, n_trials=LARGE_BUDGET + 1)
+    large = tiny_study_spec(
+        search_space=ONE_FAMILY_RANGES, n_trials=LARGE_BUDGET + 1, sampler="auto"
+    )
     assert resolve_sampler(large) == "nsga2"
     assert isinstance(build_sampler(large, 1), optuna.samplers.NSGAIISampler)
 
@@ -56,7 +64,9 @@ def test_auto_leaves_gp_for_budgets_it_would_be_slow_on(
 def test_a_baseline_of_another_family_makes_the_space_conditional(
     tiny_study_spec: Callable[..., Any],
 ) -> None:
-    spec = tiny_study_spec(search_space=ONE_FAMILY_RANGES, baselines=[{"loss": "cosine"}])
+    spec = tiny_study_spec(
+        search_space=ONE_FAMILY_RANGES, baselines=[{"loss": "cosine"}], sampler="auto"
+    )
     assert resolve_sampler(spec) == "tpe"
 
 

@@ -21,7 +21,10 @@ every worker must use the spec's seed itself.
 space (:func:`guideline_points`: a temperature ladder for ``tau_ce``, a margin ladder at the
 largest alpha_kr, ``inf`` = hinge only, then an alpha_kr ladder at a middle margin for ``hkr``;
 HKR margins for inputs in [0, 1] between 0.01 and 5), one point per trial, then hands over to
-the sampler ``auto`` would choose, which refines with those trials as its data.
+the sampler ``auto`` would choose, which refines with those trials as its data. Each ladder
+starts at the setting whose loss asks for the margin that certifies the study's eps
+(:func:`eps_anchors`) and walks outwards, the accurate side first; the one-parameter families
+come first.
 
 Requirements are recorded with ``trial.set_constraint`` before ``tell`` (Optuna 5 deprecates
 samplers' ``constraints_func``); every sampler here reads them from the finished trials.
@@ -29,6 +32,7 @@ samplers' ``constraints_func``); every sampler here reads them from the finished
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from worker.costs import num_classes
 from worker.search_space import grid
 from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, Range, SearchSpace, StudySpec
 
@@ -48,8 +53,10 @@ GP_MAX_TRIALS = 100
 SAMPLER_DESCRIPTIONS = {
     "auto": "Chosen from the space and budget: NSGA-II above 300 trials, GP for one family "
     "with numeric ranges up to 100 trials, multivariate grouped TPE otherwise.",
-    "guided": "The guidelines' trade-off ladders first (temperature for tau_ce; margin at the "
-    "largest alpha_kr, then alpha_kr at a middle margin for hkr), then what auto picks.",
+    "guided": "The default. The guidelines' trade-off ladders first (temperature for tau_ce; "
+    "margin at the largest alpha_kr, then alpha_kr for hkr), each from the setting whose margin "
+    "certifies the objective's eps (temperature 1/g, margin g, g = sqrt(2) eps for a global "
+    "head) outwards, then what auto picks.",
     "tpe": "Optuna's TPE, multivariate and grouped, with the constant liar.",
     "gp": "Optuna's Gaussian-process sampler (log EHVI for several objectives).",
     "nsga2": "Optuna's NSGA-II.",
@@ -57,8 +64,12 @@ SAMPLER_DESCRIPTIONS = {
     "grid": "Every combination of one family's listed values, in random order.",
     "qmc": "A scrambled Sobol sequence shared by all workers.",
 }
-#: Points per one-dimensional curve of the ``guided`` first batch.
-LADDER_POINTS = 4
+#: At most this many points per one-dimensional curve of the ``guided`` first batch (a listed
+#: parameter with fewer values gives each of them).
+LADDER_POINTS = 8
+#: Which end of each curve is the accurate one (True: its larger values): a higher temperature,
+#: a smaller margin, a larger alpha_kr (more weight on the hinge, less on the KR term).
+ACCURATE_HIGH = {"temperature": True, "margin": False, "alpha_kr": True}
 #: The guidelines' range of HKR margins for inputs in [0, 1].
 GUIDELINE_MARGINS = (0.01, 5.0)
 
@@ -123,7 +134,7 @@ def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if name == "guided":
         refined = spec.model_copy(update={"sampler": "auto"})
         return GuidedSampler(
-            guideline_points(spec.search_space, LADDER_POINTS),
+            guideline_points(spec.search_space, LADDER_POINTS, eps_anchors(spec)),
             build_sampler(refined, seed),
             offset=len(spec.baselines),
         )
@@ -159,9 +170,9 @@ def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def _ladder(values: Range | list[float] | float | None, name: str, count: int) -> list[float]:
-    """``count`` values spread over a searched parameter: log-spaced over a range (margins
-    clipped to :data:`GUIDELINE_MARGINS` when the range allows), evenly picked from a sorted
-    list; the one value of a fixed parameter."""
+    """Up to ``count`` values spread over a searched parameter, sorted: log-spaced over a range
+    (margins clipped to :data:`GUIDELINE_MARGINS` when the range allows), evenly picked from a
+    sorted list; the one value of a fixed parameter."""
     if isinstance(values, Range):
         low, high = values.low, values.high
         if name == "margin":
@@ -178,6 +189,28 @@ def _ladder(values: Range | list[float] | float | None, name: str, count: int) -
         picks = np.unique(np.rint(np.linspace(0, len(ordered) - 1, count)).astype(int))
         return [float(ordered[i]) for i in picks]
     return [PARAM_DEFAULTS[name] if values is None else float(values)]
+
+
+def middle_out(ladder: list[float], name: str, anchor: float | None = None) -> list[float]:
+    """A sorted ``ladder`` reordered from its value nearest ``anchor`` (in log scale; without
+    one, from its middle) outwards, alternating sides, the accurate side first
+    (:data:`ACCURATE_HIGH`; of two middle values, the accurate one).
+
+    Why this order: the guidelines' curves run from a robust end to an accurate end, and a
+    study's front is made where they bend, not at their ends (a model cannot certify more than
+    it classifies, so the robust end's points are dominated or add little hypervolume). Every
+    prefix of the order is spread around the start, so a small budget trains the likely knee
+    first and a larger one walks on to the ends."""
+    ordered = ladder if ACCURATE_HIGH.get(name, True) else ladder[::-1]
+    # ``ordered`` runs robust -> accurate; the accurate one of two middles is the upper
+    middle = len(ordered) // 2
+    if anchor is not None and anchor > 0 and min(ordered) > 0:
+        distances = [abs(np.log(value / anchor)) for value in ordered]
+        middle = min(range(len(ordered)), key=lambda i: (round(distances[i], 9), -i))
+    order = [middle]
+    for step in range(1, len(ordered)):
+        order += [i for i in (middle + step, middle - step) if 0 <= i < len(ordered)]
+    return [ordered[i] for i in order]
 
 
 def _middle(values: Range | list[float] | float | None, name: str) -> float:
@@ -197,39 +230,87 @@ def _largest(values: Range | list[float] | float | None, name: str) -> float:
     return PARAM_DEFAULTS[name] if values is None else float(values)
 
 
-def guideline_points(space: SearchSpace, count: int) -> list[dict[str, Any]]:
+def certified_gap(spec: StudySpec) -> float | None:
+    """The logit gap that certifies the study's eps: ``eps / s`` with s the certificate's scale
+    (:mod:`liptune.certify`: 1 for a binary head's ``|f(x)|``, 1/sqrt(2) for a global head's
+    ``(f_top1 - f_top2) / sqrt(2)``, 1/2 for a classwise one), eps the geometric mean of the
+    certified-accuracy objectives' and requirements' eps. ``None`` when the study asks for no
+    certificate at an eps (e.g. mean certified radius only)."""
+    wanted = [
+        item.eps
+        for item in (*spec.objectives, *spec.requirements)
+        if item.metric == "certified_accuracy" and item.eps is not None
+    ]
+    if not wanted:
+        return None
+    eps = math.exp(sum(math.log(value) for value in wanted) / len(wanted))
+    if num_classes(spec.dataset) == 2:
+        return eps
+    return eps * (math.sqrt(2.0) if spec.model.head == "global" else 2.0)
+
+
+def eps_anchors(spec: StudySpec) -> dict[str, float]:
+    """Where the ``guided`` ladders start: the settings whose loss asks for the logit gap g
+    that certifies the study's eps (:func:`certified_gap`).
+
+    * HKR / hinge margin ``m = g`` (multiclass: the hinge pushes ``f_y - f_j`` to ``m``;
+      binary: ``y f(x)`` to ``m / 2``, so ``m = 2 g``);
+    * tau-CE temperature ``tau = 1 / g``: ``CE(tau f) / tau`` stops pushing a gap once
+      ``tau * gap`` is past about 1 (the softmax of the two classes is then ~0.73), so a
+      temperature's margins scale as ``1 / tau`` (Bethune et al. 2022, "Pay attention to your
+      loss").
+
+    The front of (accuracy, certified accuracy at eps) bends where the loss's own margin meets
+    the certificate's; a curve's middle is that knee only for one eps. Empty without an eps.
+    """
+    gap = certified_gap(spec)
+    if gap is None:
+        return {}
+    binary = num_classes(spec.dataset) == 2
+    return {"margin": 2 * gap if binary else gap, "temperature": 1.0 / gap}
+
+
+def guideline_points(
+    space: SearchSpace, count: int, anchors: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """The ``guided`` first batch: for each family of ``space``, its one-dimensional trade-off
-    curves of ``count`` points (families interleaved, so that a small budget sees every one):
+    curves of up to ``count`` points each, every curve walked outwards from its value nearest
+    ``anchors[name]`` (``"temperature"``, ``"margin"``: see :func:`eps_anchors`), or from its
+    middle (:func:`middle_out`), families interleaved so that a small budget sees every one, the
+    one-parameter families (``tau_ce``, ``hinge``) first: one point of theirs already lies on
+    their whole trade-off curve, where HKR's margin ladder is a slice of a two-parameter family
+    (otherwise in the order of ``space.families``):
 
     * ``tau_ce``: the temperature ladder (high: accurate, low: robust);
     * ``hkr`` / ``soft_hkr``: the margin ladder at the largest alpha_kr (``inf`` = hinge only),
-      then the alpha_kr ladder at the middle margin;
+      then the alpha_kr ladder at the middle margin, from large to small (the guidelines' order:
+      find the margin with the hinge alone, then lower alpha_kr);
     * ``hinge``: the margin ladder; ``kr`` and ``cosine``: one point.
     """
+    anchors = anchors or {}
     curves: list[list[dict[str, Any]]] = []
-    for family in space.families:
+    for family in sorted(space.families, key=lambda name: len(FAMILY_PARAMS[name]) != 1):
         params = FAMILY_PARAMS[family]
         base = {"loss": family}
         if "temperature" in params:
             base["temperature"] = _middle(space.temperature, "temperature")
         if family == "tau_ce":
-            curves.append(
-                [
-                    {**base, "temperature": t}
-                    for t in _ladder(space.temperature, "temperature", count)
-                ]
-            )
+            ladder = _ladder(space.temperature, "temperature", count)
+            temperatures = middle_out(ladder, "temperature", anchors.get("temperature"))
+            curves.append([{**base, "temperature": t} for t in temperatures])
         elif "margin" in params:
             alpha = (
                 {"alpha_kr": _largest(space.alpha_kr, "alpha_kr")} if "alpha_kr" in params else {}
             )
-            margins = _ladder(space.margin, "margin", count)
+            margins = middle_out(
+                _ladder(space.margin, "margin", count), "margin", anchors.get("margin")
+            )
             curve = [{**base, **alpha, "margin": m} for m in margins]
             if alpha:
-                middle = margins[(len(margins) - 1) // 2]
+                alphas = sorted(_ladder(space.alpha_kr, "alpha_kr", count), reverse=True)
                 curve += [
-                    {**base, "margin": middle, "alpha_kr": a}
-                    for a in _ladder(space.alpha_kr, "alpha_kr", count)
+                    {**base, "margin": margins[0], "alpha_kr": a}
+                    for a in alphas
                     if a != alpha["alpha_kr"]
                 ]
             curves.append(curve)

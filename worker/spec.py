@@ -43,6 +43,11 @@ _CONV_DESCRIPTION = (
     "1/sqrt(kernel overlap)), `aol` (AOLConv2d, almost-orthogonal rescaling, no iterations), "
     "`bcop` (BCOPConv2d, exactly orthogonal block convolutions)."
 )
+_POOLING_DESCRIPTION = (
+    "Downsampling after each stage, halving H and W: `l2` (L2 norm of each 2x2 window), `avg` "
+    "(average times 2), `invertible` (space-to-depth, 4x the channels: orthogonal, so it keeps "
+    "the gradient norm the certificates need; see benchmarks/README.md, convolution families)."
+)
 LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "hinge", "kr", "cosine")
 #: The hyper-parameters each loss family reads; the search space only suggests these.
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
@@ -142,7 +147,9 @@ class ConvNetSpec(_ModelBase):
     convs_per_stage: int = Field(default=1, ge=1, le=8)
     kernel_size: int = Field(default=3, ge=1, le=11)
     conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
-    pooling: Literal["l2", "avg", "invertible"] = "l2"
+    pooling: Literal["l2", "avg", "invertible"] = Field(
+        default="l2", description=_POOLING_DESCRIPTION
+    )
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
 
@@ -152,8 +159,17 @@ class ResNetSpec(_ModelBase):
     name: Literal["resnet"] = "resnet"
     channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[16, 32], min_length=1)
     blocks_per_stage: int = Field(default=1, ge=1, le=8)
+    block: Literal["mean", "sll"] = Field(
+        default="mean",
+        description="Residual block: `mean`, (x + conv(act(conv(x)))) / 2 with the `conv` "
+        "family; `sll`, the SLL layer x - 2 A^T T^-1 ReLU(A x + b) (SLLConv2d, odd kernels), "
+        "whose skip path keeps its full weight.",
+    )
     kernel_size: int = Field(default=3, ge=1, le=11)
     conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
+    pooling: Literal["l2", "avg", "invertible"] = Field(
+        default="l2", description=_POOLING_DESCRIPTION
+    )
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
 
@@ -448,7 +464,11 @@ class StudySpec(_Spec):
     )
     pgd: PGDSpec | None = None
     n_trials: int = Field(default=20, ge=1, le=100_000)
-    sampler: Literal[SAMPLERS] = "auto"  # type: ignore[valid-type]
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        default="guided",
+        description="`guided` (default): the guidelines' trade-off ladders first, then what "
+        "`auto` picks; fastest to a good front in benchmarks/study_efficiency.py.",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     baselines: list[dict[str, Any]] = Field(
         default_factory=list,
