@@ -5,7 +5,7 @@ Two steps, as tabular HPO benchmarks do (Syne Tune's blackbox repository and sim
 ``build``
     trains a dense set of configurations of a task ONCE with liptune's own training loop and
     stores every epoch's validation and test metrics (accuracy, certified accuracy at several
-    eps, mean certified radius, the test split's radii summary) as JSON lines under
+    eps, mean certified radius) and the trained model's test radii summary as JSON lines under
     ``benchmarks/data/``. Resumable: configurations already in the file are skipped.
 ``replay``
     runs every method (the grid of the guidelines' ladders, random, TPE, auto, auto + mo-asha,
@@ -13,10 +13,13 @@ Two steps, as tabular HPO benchmarks do (Syne Tune's blackbox repository and sim
     the same epoch budget, and reports hypervolume of (test accuracy, test certified accuracy at
     the study's eps) against cumulative epochs (PNG + a markdown table).
 
-Tasks: ``digits`` (the README's MLP 64-64, 10 epochs per trial, eps 0.3; 8 temperatures and
-7 margins x 5 alphas: 43 configurations) and ``fashion`` (Fashion-MNIST, the reference convnet,
-9 epochs per trial, a fixed 10,000-image training subset, the full test set, eps 0.5; 8
-temperatures and 3 hinge-only margins: 11 configurations, all the shared machine allowed).
+Tasks: ``digits`` (the README's MLP 64-64, 10 epochs per trial, eps 0.3) and ``fashion``
+(Fashion-MNIST, the reference convnet, 9 epochs per trial, a fixed 10,000-image training subset,
+the full test set, eps 0.5), each over 8 temperatures and 7 margins x 5 alphas (43
+configurations) plus the guideline settings cosine and hinge, trained with several seeds.
+``guidelines`` replays the default study (12 trials of 5 epochs) against the guidelines'
+hand-picked settings; ``guidelines-live`` runs it for real over ranges; ``live`` confirms the
+replay with real studies.
 
     nice -n 10 .venv/bin/python benchmarks/study_efficiency.py build --task digits
     PYTHONPATH=. /tmp/st/bin/python benchmarks/study_efficiency.py replay --task digits \
@@ -29,13 +32,14 @@ benchmarks/README.md; without Syne Tune pass ``--methods`` without the two MOASH
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +53,7 @@ from worker.losses import build_loss
 from worker.models import build_model
 from worker.paths import default_data_roots, liptune_home
 from worker.pruning import MOASHA
-from worker.samplers import build_sampler
+from worker.samplers import LADDER_POINTS, build_sampler, guideline_points
 from worker.search_space import suggest_params
 from worker.spec import StudySpec
 from worker.training import resolve_device, train
@@ -87,7 +91,7 @@ class Task:
 
     @property
     def table_path(self) -> Path:
-        return DATA / f"{self.table or self.name}.jsonl"
+        return DATA / f"{self.table or self.name}.jsonl.gz"
 
 
 def search_space(alphas: tuple[float, ...], margins: tuple[float, ...] = MARGINS) -> dict[str, Any]:
@@ -102,11 +106,21 @@ def search_space(alphas: tuple[float, ...], margins: tuple[float, ...] = MARGINS
     }
 
 
-#: Fashion-MNIST's table: the temperature ladder and three hinge-only HKR margins. On the shared
-#: 2-core machine (load average 3-10 while six engineers worked) one configuration (9 epochs,
-#: validation and the 10,000 test images scored every epoch) took 1.5 to 7 minutes.
-FASHION_ALPHAS = (math.inf,)
-FASHION_MARGINS = (0.5, 2.0, 0.05)
+#: Fashion-MNIST's table: the same dense set as digits, 8 temperatures and 7 margins x 5 alphas
+#: (one configuration, 9 epochs with validation and the 10,000 test images scored every epoch,
+#: takes about 35 s on one idle core, 1.5 to 7 minutes under the load of six sessions).
+#: Margins in build order, the middle ones first, so that a partial table is still spread.
+FASHION_ALPHAS = ALPHAS
+FASHION_MARGINS = (0.5, 2.0, 0.05, 0.2, 1.0, 0.01, 5.0)
+#: The guidelines' hand-picked settings a study must beat (issue: "cosine, hinge (margin 0.5),
+#: HKR (alpha_kr 100, margin 0.5), tau-CE 3 and tau-CE 100"), trained into the table too.
+GUIDELINE_SETTINGS = (
+    {"loss": "cosine"},
+    {"loss": "hinge", "margin": 0.5},
+    {"loss": "hkr", "margin": 0.5, "alpha_kr": 100.0},
+    {"loss": "tau_ce", "temperature": 3.0},
+    {"loss": "tau_ce", "temperature": 100.0},
+)
 FASHION_MODEL = {
     "name": "convnet",
     "channels": [16, 32],
@@ -146,6 +160,14 @@ TASKS = {
     "fashion": Task("fashion", _fashion(FASHION_ALPHAS), FASHION_ALPHAS, FASHION_MARGINS),
     # the temperature ladder alone (the first 8 configurations of the fashion table)
     "fashion-tau": Task("fashion-tau", _fashion(()), (), (), table="fashion"),
+    # the issue's user study: 5 epochs per trial (the table's first 5 epochs: constant lr)
+    "fashion-5": Task(
+        "fashion-5",
+        {**_fashion(FASHION_ALPHAS), "training": {**_fashion(())["training"], "epochs": 5}},
+        FASHION_ALPHAS,
+        FASHION_MARGINS,
+        table="fashion",
+    ),
 }
 
 
@@ -158,6 +180,12 @@ def dense_configs(task: Task) -> list[dict[str, Any]]:
         for m in task.margins
     ]
     return configs
+
+
+def build_configs(task: Task) -> list[dict[str, Any]]:
+    """What ``build`` trains: the guideline settings first, then the dense configurations."""
+    configs = {config_key(c): c for c in (*GUIDELINE_SETTINGS, *dense_configs(task))}
+    return list(configs.values())
 
 
 def grid_configs(task: Task) -> list[dict[str, Any]]:
@@ -184,9 +212,12 @@ def config_key(config: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- build
 
 
-def _epoch_row(model, splits, mode: str, record: dict) -> dict[str, Any]:
+def _epoch_row(model, splits, mode: str, record: dict, tested: list) -> dict[str, Any]:
+    """One epoch's metrics; its test predictions are put in ``tested`` (the last epoch's make
+    the entry's radii summary)."""
     val = predict(model, splits.val.x, splits.val.y, mode)
     test = predict(model, splits.test.x, splits.test.y, mode)
+    tested[:] = [test]
     row = {"epoch": int(record["epoch"]), "seconds": record["seconds"]}
     row["train_loss"] = record["train_loss"]
     for prefix, predictions in (("val_", val), ("test_", test)):
@@ -194,22 +225,26 @@ def _epoch_row(model, splits, mode: str, record: dict) -> dict[str, Any]:
         correct = predictions.correct
         radius = predictions.radii[correct].double().mean().item() if correct.any() else 0.0
         row[f"{prefix}mean_certified_radius"] = radius
-    row["test_radii"] = test.summary().encode()
     return row
 
 
-def build(task: Task, threads: int) -> None:
-    """Train every configuration of :func:`dense_configs` once, appending to the table."""
+def build(task: Task, threads: int, seed: int) -> None:
+    """Train every configuration of :func:`build_configs` once with training seed ``seed``
+    (data split, initialisation, batch order), appending to the table."""
     torch.set_num_threads(threads)
     task.table_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["key"] for row in read_table(task)} if task.table_path.exists() else set()
+    done = (
+        {(row["key"], row.get("seed", 0)) for row in read_table(task)}
+        if task.table_path.exists()
+        else set()
+    )
     study = task.spec
     started = time.perf_counter()
-    for config in dense_configs(task):
+    for config in build_configs(task):
         key = config_key(config)
-        if key in done:
+        if (key, seed) in done:
             continue
-        spec = study.trial_spec(config, seed=study.seed)
+        spec = study.trial_spec(config, seed=seed)
         splits = load_dataset(
             spec.dataset, data_roots=default_data_roots(liptune_home()), seed=spec.seed
         )
@@ -219,10 +254,11 @@ def build(task: Task, threads: int) -> None:
         model.to(device)
         loss_fn = build_loss(spec.loss, splits.task)
         rows: list[dict[str, Any]] = []
+        tested: list = []
         tick = time.perf_counter()
 
-        def on_epoch(record: dict, model=model, splits=splits, rows=rows) -> None:
-            rows.append(_epoch_row(model, splits, model.certificate_mode, record))
+        def on_epoch(record: dict, model=model, splits=splits, rows=rows, tested=tested) -> None:
+            rows.append(_epoch_row(model, splits, model.certificate_mode, record, tested))
 
         run = train(
             model,
@@ -237,16 +273,19 @@ def build(task: Task, threads: int) -> None:
         )
         entry = {
             "key": key,
+            "seed": seed,
             "config": config,
             "failure_reason": run.failure_reason,
             "wall_seconds": time.perf_counter() - tick,
             "epochs": rows,
+            # the trained model's radii only: one summary per epoch made the tables 9x larger
+            "test_radii": tested[0].summary().encode() if tested else None,
         }
-        with task.table_path.open("a") as file:
+        with gzip.open(task.table_path, "at") as file:  # a new gzip member per configuration
             file.write(json.dumps(entry) + "\n")
         last = rows[-1] if rows else {}
         print(
-            f"{key:40s} {entry['wall_seconds']:7.1f} s  "
+            f"{key:40s} seed {seed} {entry['wall_seconds']:7.1f} s  "
             f"acc {last.get('test_accuracy', float('nan')):.3f}  "
             f"cert@{task.eps:g} {last.get(f'test_certified_accuracy_eps_{task.eps:g}', 0):.3f}",
             flush=True,
@@ -255,7 +294,7 @@ def build(task: Task, threads: int) -> None:
 
 
 def read_table(task: Task) -> list[dict[str, Any]]:
-    with task.table_path.open() as file:
+    with gzip.open(task.table_path, "rt") as file:
         return [json.loads(line) for line in file if line.strip()]
 
 
@@ -281,10 +320,12 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
 
 @dataclass
 class Trace:
-    """One replayed study: the hypervolume after each trial, against cumulative epochs."""
+    """One replayed study: the hypervolume after each trial, against cumulative epochs, and the
+    test points (accuracy, certified accuracy) of its completed trials."""
 
     epochs: list[int] = field(default_factory=list)
     hypervolume: list[float] = field(default_factory=list)
+    points: list[tuple[float, float]] = field(default_factory=list)
     trials: int = 0
     pruned: int = 0
 
@@ -299,21 +340,42 @@ class Trace:
 
 
 class Replay:
-    """A task's table as the trial function of a replayed study."""
+    """A task's table as the trial function of a replayed study. A configuration trained with
+    several seeds answers each trial with one of them, drawn by the study's seed: training noise
+    is part of what a method meets (a live trial trains with the study's seed + its number)."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self.spec = task.spec
-        wanted = {config_key(config) for config in dense_configs(task)}
-        self.entries = {row["key"]: row for row in read_table(task) if row["key"] in wanted}
+        wanted = {config_key(config) for config in (*dense_configs(task), *GUIDELINE_SETTINGS)}
+        self.entries: dict[str, list[dict[str, Any]]] = {}
+        for row in read_table(task):
+            if row["key"] in wanted:
+                self.entries.setdefault(row["key"], []).append(row)
+        for rows in self.entries.values():
+            rows.sort(key=lambda row: row.get("seed", 0))
         missing = sorted(wanted - set(self.entries))
         if missing:
             raise SystemExit(f"{task.table_path} lacks {missing}: run `build --task {task.name}`")
         eps = f"{task.eps:g}"
         self.test_keys = ("test_accuracy", f"test_certified_accuracy_eps_{eps}")
 
-    def epochs_of(self, config: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.entries[config_key(config)]["epochs"]
+    def epochs_of(self, config: dict[str, Any], rng: np.random.Generator) -> list[dict[str, Any]]:
+        """One training of ``config`` (a seed drawn with ``rng``), its first ``task.epochs``
+        epochs: the table's constant learning rate makes them a shorter trial's epochs."""
+        runs = self.entries[config_key(config)]
+        return runs[int(rng.integers(len(runs)))]["epochs"][: self.task.epochs]
+
+    def trainings(self) -> list[list[dict[str, Any]]]:
+        """Every complete training of the search space's configurations (all seeds)."""
+        wanted = {config_key(config) for config in dense_configs(self.task)}
+        return [
+            run["epochs"][: self.task.epochs]
+            for key, runs in self.entries.items()
+            if key in wanted
+            for run in runs
+            if len(run["epochs"]) >= self.task.epochs
+        ]
 
     def final(self, rows: list[dict[str, Any]]) -> tuple[float, float]:
         return tuple(float(rows[-1][k]) for k in self.test_keys)  # type: ignore[return-value]
@@ -322,6 +384,7 @@ class Replay:
         self,
         next_config: Callable[[], tuple[dict[str, Any], Any]] | None,
         budget: int,
+        seed: int,
         *,
         pruner: MOASHA | None = None,
         report: Callable[[Any, str, list[dict[str, Any]]], None] | None = None,
@@ -331,8 +394,9 @@ class Replay:
         configuration and a handle, ``report(handle, state, rows)`` tells the outcome
         (``"complete"``, ``"pruned"``, ``"fail"``); ``configs`` replaces ``next_config`` with a
         fixed list (the grid). A trial that ``pruner`` stops at a rung ends there; its epochs
-        count."""
-        trace, spent, front = Trace(), 0, []
+        count; ``seed`` draws which training of a configuration each trial gets."""
+        rng = np.random.default_rng([seed, 1])
+        trace, spent = Trace(), 0
         history: list[tuple[int, list[dict[str, Any]]]] = []
         number = 0
         while spent < budget:
@@ -342,7 +406,7 @@ class Replay:
                 config, handle = configs[number], None
             else:
                 config, handle = next_config()
-            rows = self.epochs_of(config)
+            rows = self.epochs_of(config, rng)
             done: list[dict[str, Any]] = []
             state = "complete"
             for row in rows:
@@ -360,25 +424,32 @@ class Replay:
             number += 1
             trace.trials += 1
             if state == "complete":
-                front.append(self.final(rows))
+                trace.points.append(self.final(rows))
             trace.pruned += state == "pruned"
             if report is not None and state != "cut":
                 report(handle, state, done)
             trace.epochs.append(spent)
-            trace.hypervolume.append(hypervolume(front))
+            trace.hypervolume.append(hypervolume(trace.points))
         return trace
 
 
-def optuna_method(sampler: str, pruner: bool) -> Callable[[Replay, int, int], Trace]:
-    """A liptune study: the real sampler and pruner of the spec, over the table."""
+def optuna_method(
+    sampler: str, pruner: bool, anchored: bool = True
+) -> Callable[[Replay, int, int], Trace]:
+    """A liptune study: the real sampler and pruner of the spec, over the table. ``anchored =
+    False`` (``guided`` only, an ablation) starts the ladders at their middles instead of at the
+    objective's eps (:func:`worker.samplers.eps_anchors`)."""
 
     def method(replay: Replay, seed: int, budget: int) -> Trace:
         update: dict[str, Any] = {"sampler": sampler, "seed": seed}
         if pruner:
             update["pruner"] = {"name": "mo-asha", "min_epochs": 1, "reduction_factor": 3}
         spec = StudySpec.model_validate({**replay.task.study, **update})
+        study_sampler = build_sampler(spec, seed)
+        if not anchored:
+            study_sampler.points = guideline_points(spec.search_space, LADDER_POINTS)
         study = optuna.create_study(
-            directions=[o.direction for o in spec.objectives], sampler=build_sampler(spec, seed)
+            directions=[o.direction for o in spec.objectives], sampler=study_sampler
         )
         space = spec.search_space
 
@@ -393,7 +464,7 @@ def optuna_method(sampler: str, pruner: bool) -> Callable[[Replay, int, int], Tr
                 study.tell(trial, state=getattr(optuna.trial.TrialState, state.upper()))
 
         return replay.run(
-            next_config, budget, pruner=MOASHA(spec) if pruner else None, report=report
+            next_config, budget, seed, pruner=MOASHA(spec) if pruner else None, report=report
         )
 
     return method
@@ -403,7 +474,7 @@ def grid_method(replay: Replay, seed: int, budget: int) -> Trace:
     """The guideline ladders, each setting trained in full, in a seeded order."""
     configs = grid_configs(replay.task)
     order = np.random.default_rng(seed).permutation(len(configs))
-    return replay.run(None, budget, configs=[configs[i] for i in order])
+    return replay.run(None, budget, seed, configs=[configs[i] for i in order])
 
 
 def syne_tune_moasha(fixed_ranks: bool) -> Callable[[Replay, int, int], Trace]:
@@ -463,7 +534,8 @@ def _syne_tune_moasha(replay: Replay, seed: int, budget: int, fixed_ranks: bool)
         random_seed=seed,
         multiobjective_priority=RankedPriority() if fixed_ranks else None,
     )
-    trace, spent, front, number = Trace(), 0, [], 0
+    trace, spent, number = Trace(), 0, 0
+    rng = np.random.default_rng([seed, 1])
     while spent < budget:
         sampled = scheduler.suggest().config
         config = (
@@ -473,7 +545,7 @@ def _syne_tune_moasha(replay: Replay, seed: int, budget: int, fixed_ranks: bool)
         )
         trial = Trial(trial_id=number, config=sampled, creation_time=datetime.now())
         scheduler.on_trial_add(trial)
-        rows = replay.epochs_of(config)
+        rows = replay.epochs_of(config, rng)
         state = "complete"
         for row in rows:
             if spent >= budget:
@@ -493,9 +565,9 @@ def _syne_tune_moasha(replay: Replay, seed: int, budget: int, fixed_ranks: bool)
         trace.trials += 1
         trace.pruned += state == "pruned"
         if state == "complete":
-            front.append(replay.final(rows))
+            trace.points.append(replay.final(rows))
         trace.epochs.append(spent)
-        trace.hypervolume.append(hypervolume(front))
+        trace.hypervolume.append(hypervolume(trace.points))
     return trace
 
 
@@ -507,6 +579,7 @@ METHODS: dict[str, Callable[[Replay, int, int], Trace]] = {
     "auto + mo-asha": optuna_method("auto", pruner=True),
     "guided": optuna_method("guided", pruner=False),
     "guided + mo-asha": optuna_method("guided", pruner=True),
+    "guided, ladders from the middle": optuna_method("guided", pruner=False, anchored=False),
     "random + mo-asha": optuna_method("random", pruner=True),
     "syne-tune MOASHA": syne_tune_moasha(fixed_ranks=False),
     "syne-tune MOASHA, ranks fixed": syne_tune_moasha(fixed_ranks=True),
@@ -518,9 +591,25 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q1), float(q2), float(q3)
 
 
-def replay(task: Task, seeds: int, budget_factor: float, methods: list[str]) -> dict[str, Any]:
+def at_eps(task: Task, eps: float) -> Task:
+    """``task`` with its certified-accuracy objective at ``eps`` (one the table reports), on the
+    same table: a held-out check of what was chosen at the task's own eps."""
+    if eps not in REPORT_EPS:
+        raise SystemExit(f"--eps: the tables report {REPORT_EPS}, not {eps:g}")
+    objectives = [
+        {**objective, "eps": eps} if objective.get("eps") is not None else objective
+        for objective in task.study["objectives"]
+    ]
+    study = {**task.study, "objectives": objectives}
+    return replace(task, name=f"{task.name}-eps{eps:g}", study=study, table=task.table or task.name)
+
+
+def replay(
+    task: Task, seeds: int, budget_factor: float, methods: list[str], write: bool = True
+) -> dict[str, Any]:
     """Every method on ``task``'s table for ``seeds`` seeds; the budget is ``budget_factor``
-    times the grid's epochs. Returns the traces' summary (also written as JSON)."""
+    times the grid's epochs. Returns the traces' summary (with ``write``, also written as JSON
+    and plotted)."""
     table = Replay(task)
     grid_epochs = len(grid_configs(task)) * task.epochs
     budget = int(budget_factor * grid_epochs)
@@ -531,11 +620,7 @@ def replay(task: Task, seeds: int, budget_factor: float, methods: list[str]) -> 
     for name in methods:
         traces[name] = [METHODS[name](table, seed, budget) for seed in range(seeds)]
         print(f"{task.name}: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    dense = [
-        table.final(row["epochs"])
-        for row in table.entries.values()
-        if len(row["epochs"]) == task.epochs
-    ]
+    dense = [table.final(rows) for rows in table.trainings()]
     best_found = max(t.hypervolume[-1] for runs in traces.values() for t in runs)
     target = 0.95 * best_found
     grid_runs = [t.epochs_to(target) for t in traces[GRID_METHOD]] if GRID_METHOD in traces else []
@@ -574,8 +659,9 @@ def replay(task: Task, seeds: int, budget_factor: float, methods: list[str]) -> 
         name: [{"epochs": t.epochs, "hypervolume": t.hypervolume} for t in runs]
         for name, runs in traces.items()
     }
-    out.write_text(json.dumps({**summary, "traces": traces_json}))
-    _plot(task, traces, budget, target, summary)
+    if write:
+        out.write_text(json.dumps({**summary, "traces": traces_json}))
+        _plot(task, traces, budget, target, summary)
     return summary
 
 
@@ -633,14 +719,86 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- guideline settings
+
+
+def _covers(front: list[tuple[float, float]], point: tuple[float, float]) -> bool:
+    """Whether some point of ``front`` is at least ``point`` in both objectives."""
+    return any(x >= point[0] and y >= point[1] for x, y in front)
+
+
+def guidelines(task: Task, seeds: int, n_trials: int, families: list[str]) -> dict[str, Any]:
+    """The study a user gets with the defaults (``StudySpec``'s sampler and pruner) over the loss
+    ``families``, ``n_trials`` trials' worth of epochs, against each of
+    :data:`GUIDELINE_SETTINGS` trained once for the same epochs per trial; both draw their
+    trainings from the table with each seed. Returns, per setting, in how many seeds the study's
+    front covers it (a completed trial at least as good in accuracy and certified accuracy) and,
+    as the noise floor, in how many seeds another training of that very setting covers it; and
+    the hypervolumes."""
+    space = {**task.study["search_space"], "loss": families}
+    study = {**task.study, "search_space": space}
+    table = Replay(Task(task.name, study, task.alphas, task.margins, task.table))
+    defaults = StudySpec.model_validate(study)
+    sampler, pruned = defaults.sampler, defaults.pruner.name != "none"
+    budget = n_trials * task.epochs
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    covered = {config_key(setting): 0 for setting in GUIDELINE_SETTINGS}
+    retrained = dict(covered)
+    study_hv, settings_hv = [], []
+    for seed in range(seeds):
+        trace = optuna_method(sampler, pruned)(table, seed, budget)
+        rng = np.random.default_rng([seed, 2])
+        points = [table.final(table.epochs_of(s, rng)) for s in GUIDELINE_SETTINGS]
+        for setting, point in zip(GUIDELINE_SETTINGS, points, strict=True):
+            covered[config_key(setting)] += _covers(trace.points, point)
+            again = table.final(table.epochs_of(setting, rng))
+            retrained[config_key(setting)] += _covers([again], point)
+        study_hv.append(hypervolume(trace.points))
+        settings_hv.append(hypervolume(points))
+    return {
+        "task": task.name,
+        "seeds": seeds,
+        "study": f"sampler {sampler}, pruner {defaults.pruner.name}, {n_trials} x "
+        f"{task.epochs} epochs",
+        "covered": covered,
+        "covered_by_a_retraining": retrained,
+        "study_hv_median": statistics.median(study_hv),
+        "settings_hv_median": statistics.median(settings_hv),
+        "study_hv_above_settings": sum(a > b for a, b in zip(study_hv, settings_hv, strict=True)),
+    }
+
+
 # --------------------------------------------------------------------------- live confirmation
+
+
+LIVE_METHODS = (GRID_METHOD, "guided", "guided + mo-asha")
+
+
+def _live_update(task: Task, method: str, n_trials: int, seed: int) -> dict[str, Any]:
+    update: dict[str, Any] = {"seed": seed, "n_trials": n_trials}
+    if method == GRID_METHOD:
+        ladder = grid_configs(task)
+        update.update(sampler="random", baselines=ladder, n_trials=len(ladder))
+    elif method in LIVE_METHODS:
+        update["sampler"] = "guided"
+        if method == "guided + mo-asha":
+            update["pruner"] = {"name": "mo-asha"}
+    else:
+        raise SystemExit(f"live runs: one of {LIVE_METHODS}, not {method!r}")
+    return update
 
 
 def live(task: Task, method: str, n_trials: int, seed: int) -> dict[str, Any]:
     """One real study on a fresh SQLite storage, run by one real worker (no MLflow): ``grid``
-    enqueues the guideline ladders as baselines (the manual loop), ``guided + mo-asha`` is the
-    spec a user submits. Returns the hypervolume after each finished trial against the epochs
-    the study had trained by then (from the trials' records)."""
+    enqueues the guideline ladders as baselines (the manual loop), ``guided`` (the default) and
+    ``guided + mo-asha`` are the specs a user submits. Returns the hypervolume after each
+    finished trial against the epochs the study had trained by then (from the trials' records)."""
+    spec = StudySpec.model_validate({**task.study, **_live_update(task, method, n_trials, seed)})
+    return {"method": method, **_run_live(spec)}
+
+
+def _run_live(spec: StudySpec) -> dict[str, Any]:
     import tempfile
     import uuid
 
@@ -649,15 +807,6 @@ def live(task: Task, method: str, n_trials: int, seed: int) -> dict[str, Any]:
     from worker.record import TrialRecord
     from worker.studies import create_study, optuna_study_name
 
-    update: dict[str, Any] = {"seed": seed, "n_trials": n_trials}
-    if method == GRID_METHOD:
-        ladder = grid_configs(task)
-        update.update(sampler="random", baselines=ladder, n_trials=len(ladder))
-    elif method == "guided + mo-asha":
-        update.update(sampler="guided", pruner={"name": "mo-asha"})
-    else:
-        raise SystemExit(f"live runs: {GRID_METHOD} or 'guided + mo-asha', not {method!r}")
-    spec = StudySpec.model_validate({**task.study, **update})
     with tempfile.TemporaryDirectory() as folder:
         url = f"sqlite:///{folder}/live.db"
         upgrade(url)
@@ -670,17 +819,72 @@ def live(task: Task, method: str, n_trials: int, seed: int) -> dict[str, Any]:
         wall = time.perf_counter() - started
         study = optuna.load_study(study_name=optuna_study_name(study_id), storage=url)
         finished = sorted(study.trials, key=lambda t: t.datetime_complete)
-    spent, front, trace = 0, [], Trace()
+    spent, trace = 0, Trace()
     for trial in finished:
         record = TrialRecord.read(trial)
         spent += len(record.epochs)
         trace.trials += 1
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            front.append(tuple(trial.values))
+            trace.points.append(tuple(trial.values))
         trace.pruned += trial.state == optuna.trial.TrialState.PRUNED
         trace.epochs.append(spent)
-        trace.hypervolume.append(hypervolume(front))
-    return {"method": method, "wall_seconds": wall, "trace": trace}
+        trace.hypervolume.append(hypervolume(trace.points))
+    by_number = sorted(finished, key=lambda t: t.number)
+    values = [
+        tuple(t.values) if t.state == optuna.trial.TrialState.COMPLETE else None for t in by_number
+    ]
+    return {"wall_seconds": wall, "trace": trace, "values_by_number": values}
+
+
+#: The user's study of the issue, over ranges (a live study is not bound to the table's values):
+#: HKR's margin and tau-CE's temperature over the guidelines' ranges, alpha_kr as the table lists.
+RANGED_SPACE = {
+    "loss": ["hkr", "tau_ce"],
+    "margin": {"low": 0.01, "high": 5.0, "log": True},
+    "alpha_kr": list(ALPHAS),
+    "temperature": {"low": 0.03, "high": 100.0, "log": True},
+}
+
+
+def guidelines_live(task: Task, n_trials: int, seed: int) -> dict[str, Any]:
+    """The default study over :data:`RANGED_SPACE` (``n_trials`` trials of ``task``'s epochs)
+    and each of :data:`GUIDELINE_SETTINGS` trained once for the same epochs, live; which
+    settings the study's front covers (at least as good in test accuracy and certified
+    accuracy)."""
+    study = StudySpec.model_validate(
+        {**task.study, "search_space": RANGED_SPACE, "n_trials": n_trials, "seed": seed}
+    )
+    settings_space = {
+        "loss": sorted({setting["loss"] for setting in GUIDELINE_SETTINGS}),
+        **{
+            name: sorted({s[name] for s in GUIDELINE_SETTINGS if name in s})
+            for name in ("margin", "alpha_kr", "temperature")
+        },
+    }
+    settings = StudySpec.model_validate(
+        {
+            **task.study,
+            "search_space": settings_space,
+            "sampler": "random",
+            "baselines": list(GUIDELINE_SETTINGS),
+            "n_trials": len(GUIDELINE_SETTINGS),
+            "seed": seed + 1000,
+        }
+    )
+    front = _run_live(study)["trace"].points
+    points = _run_live(settings)["values_by_number"]  # the baselines are trials 0, 1, ... in order
+    return {
+        "task": task.name,
+        "seed": seed,
+        "study_hv": hypervolume(front),
+        "settings_hv": hypervolume(points),
+        "covered": {
+            config_key(setting): _covers(front, point)
+            for setting, point in zip(GUIDELINE_SETTINGS, points, strict=True)
+        },
+        "settings": {config_key(s): p for s, p in zip(GUIDELINE_SETTINGS, points, strict=True)},
+        "front": sorted(front),
+    }
 
 
 def main() -> None:
@@ -689,6 +893,9 @@ def main() -> None:
     build_parser = commands.add_parser("build", help="train the dense table of a task")
     build_parser.add_argument("--task", choices=sorted(TASKS), required=True)
     build_parser.add_argument("--threads", type=int, default=1)
+    build_parser.add_argument(
+        "--seed", type=int, default=0, help="training seed (build a task again to add seeds)"
+    )
     replay_parser = commands.add_parser("replay", help="replay every method on a task's table")
     replay_parser.add_argument("--task", choices=sorted(TASKS), required=True)
     replay_parser.add_argument("--seeds", type=int, default=20)
@@ -696,18 +903,49 @@ def main() -> None:
         "--budget", type=float, default=2.0, help="epoch budget, in multiples of the grid's"
     )
     replay_parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    replay_parser.add_argument(
+        "--eps",
+        type=float,
+        help="certified accuracy at this eps instead of the task's (one of the reported eps); "
+        "prints the table, writes no file",
+    )
+    guidelines_parser = commands.add_parser(
+        "guidelines", help="the default study against the guidelines' hand-picked settings"
+    )
+    guidelines_parser.add_argument("--task", choices=sorted(TASKS), default="fashion-5")
+    guidelines_parser.add_argument("--seeds", type=int, default=20)
+    guidelines_parser.add_argument("--n-trials", type=int, default=12)
+    guidelines_parser.add_argument(
+        "--loss", nargs="+", default=["hkr", "tau_ce", "cosine"], help="the study's families"
+    )
     live_parser = commands.add_parser("live", help="confirm with real studies, one seed")
     live_parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    live_parser.add_argument("--n-trials", type=int, default=30, help="guided + mo-asha's budget")
+    live_parser.add_argument("--n-trials", type=int, default=30, help="the guided studies' budget")
+    live_parser.add_argument(
+        "--methods", nargs="+", default=list(LIVE_METHODS), choices=LIVE_METHODS
+    )
     live_parser.add_argument("--seed", type=int, default=0)
+    guidelines_live_parser = commands.add_parser(
+        "guidelines-live", help="the default study over ranges against the guideline settings, live"
+    )
+    guidelines_live_parser.add_argument("--task", choices=sorted(TASKS), default="fashion-5")
+    guidelines_live_parser.add_argument("--n-trials", type=int, default=12)
+    guidelines_live_parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.command == "build":
-        build(TASKS[args.task], args.threads)
+        build(TASKS[args.task], args.threads, args.seed)
     elif args.command == "replay":
-        print(markdown(replay(TASKS[args.task], args.seeds, args.budget, args.methods)))
+        task = TASKS[args.task] if args.eps is None else at_eps(TASKS[args.task], args.eps)
+        summary = replay(task, args.seeds, args.budget, args.methods, write=args.eps is None)
+        print(markdown(summary))
+    elif args.command == "guidelines":
+        summary = guidelines(TASKS[args.task], args.seeds, args.n_trials, args.loss)
+        print(json.dumps(summary, indent=1))
+    elif args.command == "guidelines-live":
+        print(json.dumps(guidelines_live(TASKS[args.task], args.n_trials, args.seed), indent=1))
     else:
         task = TASKS[args.task]
-        runs = [live(task, m, args.n_trials, args.seed) for m in (GRID_METHOD, "guided + mo-asha")]
+        runs = [live(task, m, args.n_trials, args.seed) for m in args.methods]
         best = max(run["trace"].hypervolume[-1] for run in runs)
         print(f"live {task.name}, seed {args.seed}; 95 % of the better front: {0.95 * best:.4f}")
         print("| method | trials | pruned | epochs | final HV | epochs to 95 % | wall s |")
