@@ -31,6 +31,7 @@ from worker.paths import (
     default_tracking_uri,
     liptune_home,
 )
+from worker.storage import resolve_url
 
 HASH_PREFIX = "sha256:"
 
@@ -175,7 +176,7 @@ class Settings(BaseSettings):
         return self.storage_url or default_storage_url(self.resolved_home())
 
     def resolved_mlflow_uri(self) -> str:
-        return self.mlflow_uri or default_tracking_uri(self.resolved_home())
+        return resolve_url(self.mlflow_uri or default_tracking_uri(self.resolved_home()))
 
     def resolved_data_roots(self) -> list[Path]:
         return self.data_roots or default_data_roots(self.resolved_home())

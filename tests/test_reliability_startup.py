@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
@@ -142,14 +143,26 @@ def test_processes_starting_together_on_a_fresh_sqlite_store_all_come_up(
         engine.dispose()
 
 
-def _log_a_run(index: int, round_: int, folder: str) -> None:
+def _log_a_run(index: int, round_: int, tracking_uri: str, artifact_root: str) -> None:
     from worker import tracking
 
-    config = tracking.TrackingConfig.for_home(Path(folder) / f"round-{round_}")
+    config = tracking.TrackingConfig(tracking_uri, Path(artifact_root))
     run_id = tracking.start_run(
         config, experiment="startup", run_name=f"process-{index}", params={}, tags={}
     )
     tracking.end_run(config, run_id, "FINISHED")
+
+
+def _assert_every_process_logged_its_run(tracking_uri: str, processes: int) -> None:
+    from mlflow import MlflowClient
+
+    from worker.storage import resolve_url
+
+    client = MlflowClient(resolve_url(tracking_uri))
+    experiment = client.get_experiment_by_name("startup")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == [f"process-{i}" for i in range(processes)]
+    assert {run.info.status for run in runs} == {"FINISHED"}
 
 
 def test_workers_starting_together_on_a_fresh_local_mlflow_store_all_log_their_runs(
@@ -157,13 +170,20 @@ def test_workers_starting_together_on_a_fresh_local_mlflow_store_all_log_their_r
 ) -> None:
     """MLflow creates a fresh database's schema unlocked: without the lock in
     :func:`worker.tracking._client`, most processes failed with "duplicate column name"."""
-    from mlflow import MlflowClient
-
-    (tmp_path / "round-0").mkdir()
-    errors = _run_rounds(_log_a_run, (str(tmp_path),), 4, 1)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    errors = _run_rounds(_log_a_run, (uri, str(tmp_path / "artifacts")), 4, 1)
     assert errors == []
-    client = MlflowClient(f"sqlite:///{tmp_path}/round-0/mlflow.db")
-    experiment = client.get_experiment_by_name("startup")
-    runs = client.search_runs([experiment.experiment_id])
-    assert sorted(run.info.run_name for run in runs) == [f"process-{i}" for i in range(4)]
-    assert {run.info.status for run in runs} == {"FINISHED"}
+    _assert_every_process_logged_its_run(uri, 4)
+
+
+@pytest.mark.postgres
+def test_workers_starting_together_on_a_fresh_postgresql_mlflow_store_all_log_their_runs(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A shared MLflow database on PostgreSQL, named with a bare ``postgresql://`` URL as the
+    study store is: without the advisory lock three of the four processes failed creating MLflow's
+    tables (and without the driver resolution, every one failed importing psycopg 3)."""
+    bare = postgres_url.replace("postgresql+psycopg2://", "postgresql://")
+    errors = _run_rounds(_log_a_run, (bare, str(tmp_path / "artifacts")), 4, 1)
+    assert errors == []
+    _assert_every_process_logged_its_run(bare, 4)

@@ -4,6 +4,7 @@ model, its ONNX file and radii, and the registry round trip."""
 from __future__ import annotations
 
 import http.client
+import importlib.util
 
 import mlflow
 import numpy as np
@@ -296,3 +297,24 @@ def test_a_cut_off_response_counts_as_mlflow_unreachable(error, unreachable):
     wrapped = RuntimeError("while logging")
     wrapped.__cause__ = error
     assert mlflow_unreachable(wrapped) is unreachable
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://tracker:5000",
+        "https://user:secret@tracker",
+        "databricks",
+        "file:///srv/mlruns",
+        "sqlite:////srv/mlflow.db",
+        "postgresql+psycopg2://mlflow@db/mlflow",
+    ],
+)
+def test_a_tracking_uri_is_kept_as_given_unless_it_is_a_bare_postgresql_url(uri):
+    assert TrackingConfig(uri).tracking_uri == uri
+
+
+def test_a_bare_postgresql_tracking_uri_gets_an_installed_driver():
+    uri = TrackingConfig("postgresql://mlflow:secret@db:5432/mlflow").tracking_uri
+    driver = "postgresql" if importlib.util.find_spec("psycopg") else "postgresql+psycopg2"
+    assert uri == f"{driver}://mlflow:secret@db:5432/mlflow"

@@ -44,12 +44,13 @@ def resolve_url(url: str) -> str:
     """``url`` with a database driver that is installed.
 
     SQLAlchemy 2.1 reads a bare ``postgresql://`` URL with psycopg 3; when only psycopg2 is
-    installed, the URL is read with it instead.
+    installed, the URL is read with it instead. Any other URI (another driver, an MLflow server's
+    ``http://``, ``databricks``) is returned as it is.
     """
+    if not url.startswith("postgresql://") or importlib.util.find_spec("psycopg") is not None:
+        return url
     parsed = make_url(url)
-    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-    return url
+    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
 def is_sqlite(url: str) -> bool:
@@ -109,13 +110,14 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 @contextlib.contextmanager
-def schema_lock(url: str) -> Iterator[None]:
+def schema_lock(url: str, key: int = SCHEMA_LOCK_KEY) -> Iterator[None]:
     """Hold the database's schema lock: one process at a time creates or upgrades tables.
 
     An API and its workers often start together on a fresh database; without the lock two of
     them run Optuna's ``CREATE TYPE`` / ``CREATE TABLE`` at once and one fails with a
     duplicate-key error. On PostgreSQL the lock is a session-level advisory lock (released if
-    the process dies), on SQLite a lock file beside the database. Not re-entrant: do not nest.
+    the process dies) on ``key``, on SQLite a lock file beside the database. Not re-entrant: do
+    not nest two locks on one key.
     """
     url = resolve_url(url)
     parsed = make_url(url)
@@ -130,12 +132,12 @@ def schema_lock(url: str) -> Iterator[None]:
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as connection:
-            connection.exec_driver_sql(f"SELECT pg_advisory_lock({SCHEMA_LOCK_KEY})")
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
             connection.commit()
             try:
                 yield
             finally:
-                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK_KEY})")
+                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
                 connection.commit()
     finally:
         engine.dispose()

@@ -47,7 +47,6 @@ import mlflow.onnx
 import mlflow.pytorch
 import onnx
 import requests
-from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -55,6 +54,7 @@ from sqlalchemy.engine import make_url
 
 import liptune
 from worker.paths import default_artifact_root, default_tracking_uri
+from worker.storage import resolve_url, schema_lock
 from worker.store import using_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ class TrackingConfig:
 
     tracking_uri: str
     artifact_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        # A bare postgresql:// URI works for MLflow as it does for the study store.
+        object.__setattr__(self, "tracking_uri", resolve_url(self.tracking_uri))
 
     @classmethod
     def for_home(cls, home: Path) -> TrackingConfig:
@@ -175,29 +179,31 @@ def _retrying(call: Callable[..., T]) -> Callable[..., T]:
 
 @lru_cache(maxsize=8)
 def _client(tracking_uri: str) -> mlflow.MlflowClient:
-    database = _local_database(tracking_uri)
-    if database is None:
+    if not _is_database_store(tracking_uri):
         return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     # MLflow's tracking and registry stores each create a fresh database's tables and run its
     # Alembic history when they find tables missing, with no lock: workers starting together on
-    # a fresh local store fail with "table ... already exists" or "duplicate column". Each
-    # process opens both stores (cached by MLflow per URI) once, under a lock beside the file,
-    # so one process creates the schema and the others find it complete.
-    with FileLock(f"{database}.init.lock", timeout=STORE_INIT_TIMEOUT_S):
+    # a fresh store fail with "table ... already exists" or "duplicate column". Each process
+    # opens both stores (cached by MLflow per URI) once, under the database's schema lock (a
+    # file beside a SQLite store, an advisory lock of its own key on PostgreSQL), so one process
+    # creates the schema and the others find it complete.
+    with schema_lock(tracking_uri, key=MLFLOW_SCHEMA_LOCK_KEY):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.search_registered_models(max_results=1)
     return client
 
 
-#: How long a process waits for another one creating a fresh local MLflow store's schema.
-STORE_INIT_TIMEOUT_S = 300.0
+#: Key of the PostgreSQL advisory lock held while a process opens a fresh MLflow database; not
+#: the study store's, so one database can hold both stores.
+MLFLOW_SCHEMA_LOCK_KEY = 0x6D6C666C6F77
 
 
-def _local_database(tracking_uri: str) -> str | None:
-    """The file of a SQLite tracking URI (``sqlite:///PATH``); ``None`` for any other store."""
-    if not tracking_uri.startswith("sqlite:"):
-        return None
-    return make_url(tracking_uri).database or None
+def _is_database_store(tracking_uri: str) -> bool:
+    """Whether MLflow opens ``tracking_uri`` itself as a SQLite or PostgreSQL database (not an
+    MLflow server, a file store or a hosted service)."""
+    if "://" not in tracking_uri or tracking_uri.startswith(("http", "file:", "databricks")):
+        return False
+    return make_url(tracking_uri).get_backend_name() in ("sqlite", "postgresql")
 
 
 def experiment_id(config: TrackingConfig, name: str) -> str:
