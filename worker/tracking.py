@@ -199,11 +199,13 @@ MLFLOW_SCHEMA_LOCK_KEY = 0x6D6C666C6F77
 
 
 def _is_database_store(tracking_uri: str) -> bool:
-    """Whether MLflow opens ``tracking_uri`` itself as a SQLite or PostgreSQL database (not an
-    MLflow server, a file store or a hosted service)."""
+    """Whether MLflow opens ``tracking_uri`` itself as a SQLite file or a PostgreSQL database
+    (not an MLflow server, a file store, a hosted service or an in-memory database)."""
     if "://" not in tracking_uri or tracking_uri.startswith(("http", "file:", "databricks")):
         return False
-    return make_url(tracking_uri).get_backend_name() in ("sqlite", "postgresql")
+    url = make_url(tracking_uri)
+    named = url.database not in (None, "", ":memory:")
+    return named and url.get_backend_name() in ("sqlite", "postgresql")
 
 
 def experiment_id(config: TrackingConfig, name: str) -> str:
