@@ -284,15 +284,14 @@ class Worker:
                 if isinstance(error, TrackingUnavailable):  # trained, but no record: again
                     self._retry(study, spec, self.store.get_trial(trial_id))
                 return
-            if self.options.tracking is not None and result.run_id is not None:
-                self._end_abandoned_runs(self.options.tracking)  # MLflow answers again
-                self._end_orphaned_runs(
-                    self.options.tracking, study, experiment_name(spec, study_id)
-                )
             if beat.lost:
                 self._fail(study, trial, claim, "its claim was freed as stale by another worker")
-                return
-            self._tell(study, spec, trial, claim, result)
+            else:
+                self._tell(study, spec, trial, claim, result)
+        # Housekeeping once the trial is told, never before: MLflow has just answered.
+        if self.options.tracking is not None and result.run_id is not None:
+            self._end_abandoned_runs(self.options.tracking)
+            self._end_orphaned_runs(self.options.tracking, study, experiment_name(spec, study_id))
 
     def _end_abandoned_runs(self, config: TrackingConfig) -> None:
         """End as FAILED the MLflow runs earlier trials of this worker left RUNNING when MLflow
