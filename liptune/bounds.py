@@ -80,6 +80,7 @@ from liptune.nn import (
 __all__ = [
     "DENSE_LIMIT",
     "LayerBound",
+    "check_boundable",
     "conv_bound",
     "head_bound",
     "head_constants",
@@ -115,6 +116,48 @@ _ONE_LIPSCHITZ = (
     nn.Identity,
     nn.Dropout,
 )
+
+
+_WEIGHTED = (nn.Linear, nn.Conv2d, nn.AvgPool2d)
+_CONTAINERS = (nn.Sequential, LipschitzResidual, ScaledConcat, SLLResidual)
+
+
+def _known_forward(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``module`` is one of ``kinds`` *and* computes what that kind computes: a subclass
+    that overrides ``forward`` (or a convolution's ``_conv_forward``) could compute anything, so
+    bounding it by its weights would not be sound."""
+    kind = next((kind for kind in kinds if isinstance(module, kind)), None)
+    if kind is None or type(module).forward is not kind.forward:
+        return False
+    return not isinstance(module, nn.Conv2d) or (
+        type(module)._conv_forward is nn.Conv2d._conv_forward
+    )
+
+
+def _unsupported(module: nn.Module, name: str) -> TypeError:
+    return TypeError(
+        f"the Lipschitz bound cannot bound layer {name or '<model>'!r} of type "
+        f"{type(module).__module__}.{type(module).__qualname__}; supported: nn.Sequential "
+        f"containers, nn.Linear, nn.Conv2d, nn.AvgPool2d, LipschitzResidual, ScaledConcat, "
+        f"SLL layers and the 1-Lipschitz activations and pooling of liptune.nn (as they are: "
+        f"a subclass that overrides forward is not bounded)"
+    )
+
+
+def check_boundable(model: nn.Module, name: str = "") -> None:
+    """Raise the ``TypeError`` :func:`lipschitz_bound` would raise for ``model`` (exported with
+    :func:`~liptune.export.vanilla_export`), from its structure alone: no forward pass, so it
+    runs on the ``meta`` device, where a network can be checked before it is trained."""
+    if _known_forward(model, (nn.Sequential,)):
+        for child_name, child in model.named_children():
+            check_boundable(child, _child(name, child_name))
+    elif _known_forward(model, (LipschitzResidual,)):
+        check_boundable(model.block, _child(name, "block"))
+    elif _known_forward(model, (ScaledConcat,)):
+        for index, branch in enumerate(model.branches):
+            check_boundable(branch, _child(name, f"branches.{index}"))
+    elif not _known_forward(model, (SLLResidual, *_WEIGHTED, *_ONE_LIPSCHITZ)):
+        raise _unsupported(model, name)
 
 
 @dataclass(frozen=True)
@@ -448,7 +491,7 @@ class _Walker:
 
     def walk(self, module: nn.Module, x: Tensor, name: str) -> tuple[float, float, Tensor]:
         """(bound, estimate, module(x)) of ``module`` on inputs shaped like ``x``."""
-        if isinstance(module, nn.Sequential):
+        if _known_forward(module, (nn.Sequential,)):
             bound = estimate = 1.0
             for child_name, child in module.named_children():
                 b, e, x = self.walk(child, x, _child(name, child_name))
@@ -456,11 +499,11 @@ class _Walker:
             return bound, estimate, x
         with torch.no_grad():
             y = module(x)
-        if isinstance(module, LipschitzResidual):
+        if _known_forward(module, (LipschitzResidual,)):
             b, e, _ = self.walk(module.block, x, _child(name, "block"))
             t = module.skip_weight
             return t + (1 - t) * b, t + (1 - t) * e, y
-        if isinstance(module, ScaledConcat):
+        if _known_forward(module, (ScaledConcat,)):
             parts = [
                 self.walk(branch, x, _child(name, f"branches.{i}"))[:2]
                 for i, branch in enumerate(module.branches)
@@ -468,20 +511,15 @@ class _Walker:
             n = len(parts)
             bound = math.sqrt(sum(b * b for b, _ in parts) / n)
             return bound, math.sqrt(sum(e * e for _, e in parts) / n), y
-        if isinstance(module, SLLResidual):
+        if _known_forward(module, (SLLResidual,)):
             b, e = self.sll(name, module, x)
             return b, e, y
-        if isinstance(module, nn.Linear | nn.Conv2d | nn.AvgPool2d):
+        if _known_forward(module, _WEIGHTED):
             b, e = self.layer(name, module, x)
             return b, e, y
-        if isinstance(module, _ONE_LIPSCHITZ):
+        if _known_forward(module, _ONE_LIPSCHITZ):
             return 1.0, 1.0, y
-        raise TypeError(
-            f"the Lipschitz bound cannot bound layer {name or '<model>'!r} of type "
-            f"{type(module).__module__}.{type(module).__name__}; supported: nn.Sequential "
-            f"containers, nn.Linear, nn.Conv2d, nn.AvgPool2d, LipschitzResidual, ScaledConcat "
-            f"and the 1-Lipschitz activations and pooling of liptune.nn"
-        )
+        raise _unsupported(module, name)
 
 
 def _example(input_shape: Sequence[int]) -> Tensor:

@@ -3,10 +3,13 @@
 The schema (:class:`worker.spec.StudySpec`) checks a spec on its own; this module checks it
 against the server: its limits (trials, epochs, model size and training memory from
 :func:`worker.costs.study_cost`), its data roots (``dataset.path`` must stay inside them,
-through ``..`` or symlinks alike), the data set's classes and input shape (the architecture
-must fit it), and the training devices the workers have. :func:`check_study` raises a 422
-problem listing every field that fails; reasons name the field and the figure, never a server
-path.
+through ``..`` or symlinks alike), the data set as its files' structure and headers describe it
+(:func:`worker.datasets.describe_dataset`: a user's folder or ``.npz`` is refused here, naming
+the file, for what a worker would refuse), its classes and input shape (the architecture must
+fit it), a plugin network's modules (the guaranteed bound must know each, checked on the
+``meta`` device), and the training devices the workers have. :func:`check_study` raises a 422
+problem listing every field that fails; reasons name the field and the figure, and a user's
+file relative to its data root.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import torch
 from service.config import Settings
 from service.problems import field_error, invalid_input
 from worker.costs import study_cost
+from worker.datasets import DatasetDescription, DatasetError, describe_dataset
 from worker.datasets.locate import resolved_roots
-from worker.datasets.registry import dataset_info
-from worker.spec import StudySpec
+from worker.models import check_model
+from worker.spec import PluginModelSpec, StudySpec
 
 
 def _gib(n_bytes: int) -> str:
@@ -67,18 +71,18 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
                 "limit",
             )
         )
-    info = dataset_info(spec.dataset.name)
-    if spec.dataset.path is not None:
-        errors += _path_errors(spec.dataset.path, resolved_roots(settings.resolved_data_roots()))
-    unknown = [c for c in spec.dataset.classes or [] if c >= info.num_classes]
-    if unknown:
-        errors.append(
-            field_error(
-                "body.dataset.classes",
-                f"classes {unknown} do not exist in {info.name!r}: its labels are "
-                f"0..{info.num_classes - 1}",
-            )
-        )
+    roots = resolved_roots(settings.resolved_data_roots())
+    path_errors = _path_errors(spec.dataset.path, roots) if spec.dataset.path is not None else []
+    errors += path_errors
+    description = None
+    if not path_errors:
+        try:
+            description = describe_dataset(spec.dataset, roots)
+        except DatasetError as error:
+            field = error.field or ("path" if spec.dataset.path else "name")
+            errors.append(field_error(f"body.dataset.{field}", _relative(str(error), roots)))
+    if description is not None:
+        errors += _data_errors(spec, description, settings)
     device = spec.training.device
     devices = settings.devices if settings.devices is not None else local_devices()
     if device not in ("auto", "cpu", *devices):
@@ -92,9 +96,38 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
         raise invalid_input(errors)
 
 
+def _relative(message: str, roots: list[Path]) -> str:
+    """``message`` with the data roots' absolute paths cut off: a user's files are named as the
+    spec names them, the server's directories are not shown."""
+    for root in sorted(roots, key=lambda root: len(str(root)), reverse=True):
+        message = message.replace(f"{root}/", "").replace(str(root), "<data root>")
+    return message
+
+
+def _data_errors(
+    spec: StudySpec, description: DatasetDescription, settings: Settings
+) -> list[dict[str, str]]:
+    errors = []
+    if description.cache_bytes > settings.max_dataset_bytes:
+        errors.append(
+            field_error(
+                "body.dataset",
+                f"the data set decodes to {_gib(description.cache_bytes)}, over this server's "
+                f"limit of {_gib(settings.max_dataset_bytes)} per study",
+                "limit",
+            )
+        )
+    if isinstance(spec.model, PluginModelSpec):
+        try:
+            check_model(spec.model, description.input_shape, description.num_classes)
+        except ValueError as error:
+            errors.append(field_error("body.model", str(error)))
+    return errors
+
+
 def _cost_errors(spec: StudySpec, settings: Settings) -> list[dict[str, str]]:
     try:
-        cost = study_cost(spec)
+        cost = study_cost(spec, resolved_roots(settings.resolved_data_roots()))
     except ValueError as error:
         return [field_error("body.model", str(error))]
     errors = []

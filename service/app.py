@@ -29,6 +29,7 @@ from service.routers.health import StudyCollector, WorkerCollector
 from service.schemas import InfJSONResponse
 from service.schemas import Problem as ProblemSchema
 from worker import costs
+from worker.datasets import set_data_roots
 from worker.redact import install_log_redaction
 from worker.storage import engine_kwargs
 from worker.store import StudyStore
@@ -86,6 +87,7 @@ def open_resources(settings: Settings) -> Resources:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The liptune API on the stores of ``settings`` (default: from the environment)."""
     settings = settings or Settings()
+    set_data_roots(settings.resolved_data_roots())
     install_log_redaction()
     resources = open_resources(settings)
     app = FastAPI(

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         description="Largest training-step memory a study may need beyond its weights: the "
         "activations autograd keeps at the batch size plus the constrained weights' copies.",
     )
+    max_dataset_bytes: int = Field(
+        default=8 * 2**30,
+        ge=1,
+        description="Largest decoded user data set (an image folder, an .npz, a plugin's "
+        "arrays) a worker may hold in memory for a study's trials.",
+    )
     devices: list[str] | None = Field(
         default=None,
         description="Training devices a spec may name besides `auto` and `cpu` (e.g. "

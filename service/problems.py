@@ -96,7 +96,7 @@ def _reason(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] in ("literal_error", "enum"):
         return f"unknown value {error.get('input')!r}: {message}"
-    if error["type"] == "union_tag_invalid":
+    if error["type"] in ("union_tag_invalid", "unknown_model"):
         return f"unknown {error['ctx'].get('discriminator', 'tag')}: {message}"
     return message
 

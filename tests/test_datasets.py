@@ -231,5 +231,7 @@ def test_registry_describes_every_data_set():
         assert len(info.class_names) == info.num_classes
         if info.kind == "files":
             assert info.install_hint and info.dir_names
-        else:
+        elif info.kind in ("bundled", "synthetic"):
             assert info.available([])
+        else:  # a user's own files: the spec's path names them
+            assert info.kind in ("folder", "npz") and not info.available([])

@@ -20,7 +20,10 @@ The figures (bytes, float32):
 - ``eval_bytes``: twice the largest module output of one evaluation batch
   (:data:`worker.evaluation.EVAL_BATCH_SIZE`, no graph kept): the validation pass's peak;
 - ``data_bytes``: the train and validation splits (float32 inputs, int64 labels), resident on
-  the training device for the whole trial.
+  the training device for the whole trial;
+- ``cache_bytes``: a user's data set as a worker keeps it decoded in host memory for the
+  study's trials (``uint8`` images of a folder, an ``.npz``'s or a plugin's arrays as stored);
+  0 for the sets liptune ships.
 
 This module is the one memory model of liptune: :func:`estimate` is what the API checks
 against its limits, and :mod:`worker.devices` adds the allocator's headroom to
@@ -31,13 +34,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import TypeAdapter
 
+from worker.datasets.describe import describe_dataset
 from worker.datasets.loading import DEFAULT_SYNTHETIC_SAMPLES, TEST_FRACTION
-from worker.datasets.registry import dataset_info
 from worker.evaluation import EVAL_BATCH_SIZE
 from worker.models import build_model
 from worker.spec import ConvNetSpec, DatasetSpec, MLPSpec, ModelSpec, StudySpec, TrialSpec
@@ -58,6 +63,7 @@ class Cost:
     eval_bytes: int
     data_bytes: int
     batch_size: int
+    cache_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -89,20 +95,21 @@ class _Saved:
         return sum(self._storages.values())
 
 
-def num_classes(dataset: DatasetSpec) -> int:
-    """Classes the trained model tells apart: the spec's subset, else all of the data set's."""
-    return len(dataset.classes) if dataset.classes else dataset_info(dataset.name).num_classes
+def num_classes(dataset: DatasetSpec, data_roots: Sequence[Path] | None = None) -> int:
+    """Classes the trained model tells apart: the spec's subset, else all of the data set's
+    (a user's data set read from ``data_roots``, default this process's)."""
+    if dataset.classes:
+        return len(dataset.classes)
+    return describe_dataset(dataset, data_roots).num_classes
 
 
-def training_examples(dataset: DatasetSpec) -> int:
+def training_examples(dataset: DatasetSpec, data_roots: Sequence[Path] | None = None) -> int:
     """An upper bound of the train + validation splits' size together (a class subset keeps
     its share of the set; a synthetic set leaves its test fraction out)."""
-    info = dataset_info(dataset.name)
-    if info.kind == "synthetic":
+    description = describe_dataset(dataset, data_roots)
+    if description.kind == "synthetic":
         return round((dataset.n_samples or DEFAULT_SYNTHETIC_SAMPLES) * (1 - TEST_FRACTION))
-    pool = info.train_examples or dataset.n_samples or 0
-    if dataset.classes and info.num_classes:
-        pool = math.ceil(pool * len(dataset.classes) / info.num_classes)
+    pool = description.train_examples or dataset.n_samples or 0
     return min(pool, dataset.n_samples) if dataset.n_samples else pool
 
 
@@ -190,32 +197,35 @@ def warm_up() -> None:
     estimate_model(ConvNetSpec(channels=[2], dense_widths=[2]), (1, 4, 4), 2, 1)
 
 
-def estimate(spec: TrialSpec) -> Cost:
+def estimate(spec: TrialSpec, data_roots: Sequence[Path] | None = None) -> Cost:
     """The cost of one trial of ``spec``, on its data set's input shape, at its batch size
     and the evaluation batch size (both capped by the training set's size), with its
     optimizer's moments and the train and validation splits resident."""
-    info = dataset_info(spec.dataset.name)
-    examples = training_examples(spec.dataset)
+    description = describe_dataset(spec.dataset, data_roots)
+    examples = training_examples(spec.dataset, data_roots)
     cap = examples or max(spec.training.batch_size, EVAL_BATCH_SIZE)
     training = spec.training
     moments = 2 if training.optimizer == "adam" else int(training.momentum > 0)
     cost = estimate_model(
         spec.model,
-        info.input_shape,
-        num_classes(spec.dataset),
+        description.input_shape,
+        description.num_classes,
         min(training.batch_size, cap),
         moments=moments,
         eval_batch_size=min(EVAL_BATCH_SIZE, cap),
     )
-    data = examples * (math.prod(info.input_shape) * _FLOAT_BYTES + _LABEL_BYTES)
-    return Cost(**{**cost.__dict__, "data_bytes": data})
+    data = examples * (math.prod(description.input_shape) * _FLOAT_BYTES + _LABEL_BYTES)
+    return Cost(**{**cost.__dict__, "data_bytes": data, "cache_bytes": description.cache_bytes})
 
 
-def study_cost(spec: StudySpec) -> Cost:
+def study_cost(spec: StudySpec, data_roots: Sequence[Path] | None = None) -> Cost:
     """The largest :func:`estimate` among the trials ``spec`` can ask for: the loss parameters
     do not change the cost, the searched convolution families may."""
     costs = [
-        estimate(spec.trial_spec({"loss": spec.search_space.families[0]} | conv, seed=spec.seed))
+        estimate(
+            spec.trial_spec({"loss": spec.search_space.families[0]} | conv, seed=spec.seed),
+            data_roots,
+        )
         for conv in ([{"conv": family} for family in spec.search_space.conv or []] or [{}])
     ]
     return max(costs, key=lambda cost: (cost.total_bytes, cost.parameters))

@@ -14,13 +14,35 @@ orthonormalisation.
 The conv nets' convolutions are of the spec's ``conv`` family, all with ``"same"`` zero padding:
 ``spectral`` (:class:`~liptune.nn.SpectralConv2d`), ``aol`` (:class:`~liptune.nn.AOLConv2d`)
 or ``bcop`` (:class:`~liptune.nn.BCOPConv2d`). All export to plain ``nn.Conv2d``.
+
+Networks a team already has come from model plugins: packages that declare an entry point in
+the group ``liptune.models``::
+
+    [project.entry-points."liptune.models"]
+    my-net = "my_package.nets:build"
+
+with ``build(input_shape: tuple[int, ...], num_outputs: int, **params) -> torch.nn.Module``
+(``num_outputs`` is 1 for a binary task, else the class count). Its keyword parameters (their
+annotations and defaults) are what a spec's ``params`` may set, or the pydantic model the
+builder names as ``build.params_model``. The network's certificate mode is its
+``certificate_mode`` attribute (e.g. a :class:`~liptune.nn.LipschitzSequential`'s), else
+``"binary"`` for one output and ``"global"`` otherwise; the worker checks it through the
+guaranteed bound of the exported weights, as for the zoo. :func:`register_model` adds a
+builder from Python code.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
+import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from torch import nn
 
 from liptune.nn import (
@@ -41,36 +63,178 @@ from liptune.nn import (
     SpectralConv2d,
     SpectralLinear,
 )
-from worker.spec import ConvNetSpec, MLPSpec, ModelSpec, ResNetSpec
+from liptune.nn.containers import CERTIFICATE_MODES
+from worker.spec import ConvNetSpec, MLPSpec, ModelSpec, PluginModelSpec, ResNetSpec
+
+logger = logging.getLogger(__name__)
+
+#: The entry-point group of model plugins.
+ENTRY_POINT_GROUP = "liptune.models"
+#: The builder's positional parameters, which a spec's ``params`` may not set.
+_BUILDER_ARGUMENTS = ("input_shape", "num_outputs")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A zoo entry: the spec class that configures it and what it is."""
+    """A registry entry: what the network is, the spec class that configures it, and for a
+    plugin its builder, its parameter model and where it comes from.
 
-    spec_class: type
+    ``params_model`` validates a plugin spec's ``params`` (built from the builder's signature
+    when the plugin names none); ``package`` is the top-level package that holds the builder,
+    which travels with the logged model.
+    """
+
+    name: str
     description: str
+    spec_class: type[BaseModel]
+    builder: Callable[..., nn.Module] | None = None
+    params_model: type[BaseModel] | None = None
+    source: str = "liptune"
+    package: str | None = None
+
+    @property
+    def is_plugin(self) -> bool:
+        return self.builder is not None
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` validated by the parameter model (defaults filled in); ``ValueError``
+        naming each wrong parameter."""
+        if self.params_model is None:
+            return dict(params)
+        try:
+            validated = self.params_model.model_validate(params)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"params.{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+                for item in error.errors()
+            )
+            raise ValueError(f"model {self.name!r}: {problems}") from None
+        return validated.model_dump()
 
 
 MODELS: dict[str, ModelInfo] = {
     "mlp": ModelInfo(
-        MLPSpec,
+        "mlp",
         "Dense 1-Lipschitz network: SpectralLinear layers of `widths` with the activation; "
         "images are flattened.",
+        MLPSpec,
     ),
     "convnet": ModelInfo(
-        ConvNetSpec,
+        "convnet",
         "VGG-like: per stage `convs_per_stage` convolutions of the `conv` family (same "
         "padding) with the activation, then a Lipschitz pooling; then dense layers of "
         "`dense_widths`.",
+        ConvNetSpec,
     ),
     "resnet": ModelInfo(
-        ResNetSpec,
+        "resnet",
         "Small residual network: per stage a convolution of the `conv` family then "
         "`blocks_per_stage` residual blocks (`block`: x -> (x + conv(act(conv(x)))) / 2, or "
         "SLL layers), then a Lipschitz pooling; then dense layers.",
+        ResNetSpec,
     ),
 }
+_plugins_lock = threading.Lock()
+_plugins_loaded = False
+
+
+def _params_from_signature(name: str, builder: Callable[..., nn.Module]) -> type[BaseModel]:
+    """A pydantic model of the builder's keyword parameters (annotation and default each)."""
+    fields: dict[str, Any] = {}
+    for parameter in list(inspect.signature(builder).parameters.values())[2:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        annotation = Any if parameter.annotation is parameter.empty else parameter.annotation
+        default = ... if parameter.default is parameter.empty else parameter.default
+        fields[parameter.name] = (annotation, default)
+    return create_model(
+        f"{name.title().replace('-', '').replace('_', '')}Params",
+        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        **fields,
+    )
+
+
+def register_model(
+    name: str,
+    build: Callable[..., nn.Module],
+    *,
+    description: str | None = None,
+    params_model: type[BaseModel] | None = None,
+    source: str = "python",
+) -> ModelInfo:
+    """Register the plugin builder ``build(input_shape, num_outputs, **params)`` as ``name``.
+
+    ``params_model`` (default: ``build.params_model`` if it has one, else a model of the
+    builder's signature) checks a spec's ``params``. A taken name raises ``ValueError``.
+    """
+    _load_plugins()
+    return _register(name, build, description, params_model, source)
+
+
+def _register(
+    name: str,
+    build: Callable[..., nn.Module],
+    description: str | None,
+    params_model: type[BaseModel] | None,
+    source: str,
+) -> ModelInfo:
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is registered already ({MODELS[name].source})")
+    if not callable(build):
+        raise TypeError(f"model {name!r}: the builder must be callable, got {build!r}")
+    positional = list(inspect.signature(build).parameters)[:2]
+    if positional != list(_BUILDER_ARGUMENTS):
+        raise TypeError(
+            f"model {name!r}: the builder must take (input_shape, num_outputs, **params), "
+            f"takes {positional}"
+        )
+    params_model = params_model or getattr(build, "params_model", None)
+    doc = (description or inspect.getdoc(build) or f"Network from {source}.").strip()
+    info = ModelInfo(
+        name=name,
+        description=doc.split("\n\n")[0].replace("\n", " "),
+        spec_class=PluginModelSpec,
+        builder=build,
+        params_model=params_model or _params_from_signature(name, build),
+        source=source,
+        package=(getattr(build, "__module__", None) or "").split(".")[0] or None,
+    )
+    MODELS[name] = info
+    return info
+
+
+def _load_plugins() -> None:
+    """Register each ``liptune.models`` entry point once per process; one that fails to load
+    is logged and left out."""
+    global _plugins_loaded
+    with _plugins_lock:
+        if _plugins_loaded:
+            return
+        _plugins_loaded = True
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            source = f"plugin {entry.value}" + (f" ({entry.dist.name})" if entry.dist else "")
+            try:
+                _register(entry.name, entry.load(), None, None, source)
+            except Exception as error:  # a broken plugin must not take the registry down
+                logger.warning("model plugin %r (%s) left out: %s", entry.name, source, error)
+
+
+def registered_models() -> dict[str, ModelInfo]:
+    """Every model a spec may name: the zoo and the installed plugins."""
+    _load_plugins()
+    return dict(MODELS)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name``; ``ValueError`` lists the known names otherwise."""
+    _load_plugins()
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known here: {sorted(MODELS)} (a plugin's model needs its "
+            "package installed where the API and the workers run)"
+        ) from None
 
 
 class _Activations:
@@ -230,17 +394,70 @@ def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> l
 _BUILDERS = {"mlp": _mlp, "convnet": _convnet, "resnet": _resnet}
 
 
-def build_model(
-    spec: ModelSpec, input_shape: Sequence[int], num_classes: int
-) -> LipschitzSequential:
+def num_outputs(num_classes: int) -> int:
+    """Outputs of a classifier of ``num_classes``: one for a binary task."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def _plugin_network(
+    spec: PluginModelSpec, input_shape: Sequence[int], num_classes: int
+) -> nn.Module:
+    info = model_info(spec.name)
+    assert info.builder is not None
+    outputs = num_outputs(num_classes)
+    network = info.builder(tuple(input_shape), outputs, **info.check_params(spec.params))
+    if not isinstance(network, nn.Module):
+        raise TypeError(
+            f"model {spec.name!r} ({info.source}) returned {type(network).__name__}, not a "
+            "torch.nn.Module"
+        )
+    mode = getattr(network, "certificate_mode", None)
+    if mode is None:
+        mode = "binary" if outputs == 1 else "global"
+    if mode not in CERTIFICATE_MODES or (mode == "binary") != (outputs == 1):
+        raise ValueError(
+            f"model {spec.name!r}: certificate_mode {mode!r} does not fit {outputs} output(s) "
+            "(binary needs one output; global and classwise one per class)"
+        )
+    network.certificate_mode = mode
+    return network
+
+
+def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """The 1-Lipschitz network ``spec`` describes, for inputs of ``input_shape`` (one example:
     ``(C, H, W)`` or ``(D,)``) and ``num_classes`` classes (2 means a binary task, one output).
 
-    Raises ``ValueError`` naming the spec field when the architecture does not fit the input
-    (e.g. too many pooling stages) or the activation (e.g. an odd width for GroupSort2).
+    Zoo networks are :class:`~liptune.nn.LipschitzSequential`; a plugin's is what its builder
+    returns, with ``certificate_mode`` set. Raises ``ValueError`` naming the spec field when the
+    architecture does not fit the input (e.g. too many pooling stages) or the activation (e.g.
+    an odd width for GroupSort2).
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if isinstance(spec, PluginModelSpec):
+        return _plugin_network(spec, input_shape, num_classes)
     layers = _BUILDERS[spec.name](spec, input_shape, num_classes)
     mode = "binary" if num_classes == 2 else spec.head
     return LipschitzSequential(*layers, certificate_mode=mode)
+
+
+def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> None:
+    """Build the network on the ``meta`` device (no memory, no weights) and check that the
+    guaranteed bound knows each of its modules once exported; ``ValueError`` naming the module
+    type otherwise, or naming the plugin's own error."""
+    from liptune.bounds import check_boundable
+    from liptune.export import vanilla_export
+
+    try:
+        with torch.device("meta"):
+            network = build_model(spec, input_shape, num_classes)
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)) from None
+    try:
+        check_boundable(vanilla_export(network))
+    except TypeError as error:
+        raise ValueError(
+            f"model {spec.name!r} cannot be certified: {error}. Build the network from "
+            "liptune.nn's layers (constrained linear and convolution layers, 1-Lipschitz "
+            "activations and pooling) in an nn.Sequential or LipschitzSequential"
+        ) from None

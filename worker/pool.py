@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from pydantic import ValidationError
 
 from worker import claims
 from worker.claims import Claim
+from worker.datasets import set_data_roots
 from worker.devices import study_memory_bytes
 from worker.pruning import MOASHA
 from worker.record import TrialRecord
@@ -175,6 +177,9 @@ class Worker:
         # study name -> {trial id: when first seen RUNNING without a live claim (monotonic)}
         self._orphans_seen: dict[str, dict[int, float]] = {}
         self._too_large: dict[str, bool] = {}
+        self._unreadable: set[str] = set()
+        if options.data_roots is not None:
+            set_data_roots(options.data_roots)
 
     # ------------------------------------------------------------------ loop
 
@@ -212,8 +217,10 @@ class Worker:
         for study_id, frozen in running:
             if self.stopping:
                 return False
-            spec = load_spec(frozen)
             name = frozen.study_name
+            spec = self._spec(name, frozen)
+            if spec is None:
+                continue
             self._reap(name, spec)
             counts = self.store.claim_counts(name)
             if counts.failed > failure_budget(spec):
@@ -235,6 +242,23 @@ class Worker:
             self.trials_run += 1
             return True
         return False
+
+    def _spec(self, study_name: str, frozen: optuna.study.FrozenStudy) -> StudySpec | None:
+        """The study's spec, or ``None`` when this worker cannot read it: a spec naming a model
+        or data-set plugin that is not installed here is left to the workers that have it
+        (logged once per study)."""
+        try:
+            return load_spec(frozen)
+        except ValidationError as error:
+            if study_name not in self._unreadable:
+                self._unreadable.add(study_name)
+                logger.warning(
+                    "%s: left to other workers, this one cannot run its spec (is a model or "
+                    "data-set plugin missing here?): %s",
+                    study_name,
+                    "; ".join(item["msg"] for item in error.errors()),
+                )
+            return None
 
     def _too_large_for_device(self, study_name: str, spec: StudySpec) -> bool:
         """Whether the study's trials would exceed :attr:`WorkerOptions.memory_budget`

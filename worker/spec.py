@@ -25,16 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-DATASET_NAMES = (
-    "digits",
-    "fashion-mnist",
-    "mnist",
-    "cifar10",
-    "two-moons",
-    "snowflake",
-    "spheres",
-)
 ACTIVATIONS = ("groupsort2", "groupsort", "fullsort", "maxmin", "householder")
 #: The convolution families of the zoo's conv nets (see :mod:`worker.models`).
 CONV_FAMILIES = ("spectral", "aol", "bcop")
@@ -87,18 +79,38 @@ class _Spec(BaseModel):
 # --------------------------------------------------------------------------- data and model
 
 
-class DatasetSpec(_Spec):
-    """A data set from the registry, optionally reduced to a binary or smaller class subset."""
+_Side = Annotated[int, Field(ge=1, le=4096)]
 
-    name: Literal[DATASET_NAMES]  # type: ignore[valid-type]
+
+class DatasetSpec(_Spec):
+    """A data set from the registry (one liptune ships, ``folder`` or ``npz`` for your own files,
+    or an installed plugin's), optionally reduced to a binary or smaller class subset."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        description="A name `GET /datasets` lists: a built-in set, `folder` (an image folder), "
+        "`npz` (Keras arrays) or an installed plugin's data set.",
+    )
     path: str | None = Field(
         default=None,
-        description="Directory of the files, relative to (or inside) one of the worker's data "
-        "roots. Default: the place the registry knows (a Debian package, a data root).",
+        max_length=4096,
+        description="Relative to (or inside) one of the worker's data roots: the directory of "
+        "the files (built-in sets: default, the place the registry knows), the image folder "
+        "(`folder`) or the .npz file (`npz`).",
     )
-    classes: list[int] | None = Field(
+    classes: list[int] | list[str] | None = Field(
         default=None,
-        description="Keep only these classes, relabelled 0..k-1; two classes make a binary task.",
+        description="Keep only these classes (label indices or class names), relabelled "
+        "0..k-1 in this order; two classes make a binary task.",
+    )
+    size: tuple[_Side, _Side] | None = Field(
+        default=None, description="`folder` only: resize every image to [H, W]."
+    )
+    layout: Literal["nhwc", "nchw"] | None = Field(
+        default=None,
+        description="`npz` and plugins: how 4-D images are stored, where the shape alone is "
+        "ambiguous (e.g. (N, 3, 32, 3)).",
     )
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.9)
     n_samples: int | None = Field(
@@ -106,18 +118,49 @@ class DatasetSpec(_Spec):
     )
     noise: float = Field(default=0.05, ge=0.0, le=1.0, description="Noise of synthetic sets.")
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from worker.datasets.registry import registered_datasets
+
+        known = registered_datasets()
+        if name not in known:
+            raise PydanticCustomError(
+                "literal_error",
+                "known here: {known} (a plugin's data set needs its package installed where "
+                "the API and the workers run)",
+                {"known": ", ".join(sorted(known))},
+            )
+        return name
+
     @field_validator("classes")
     @classmethod
-    def _distinct_classes(cls, classes: list[int] | None) -> list[int] | None:
+    def _distinct_classes(cls, classes: list[int] | list[str] | None) -> list | None:
         if classes is None:
             return None
         if len(classes) < 2:
             raise ValueError("name at least two classes")
         if len(set(classes)) != len(classes):
             raise ValueError("classes must be distinct")
-        if min(classes) < 0:
-            raise ValueError("classes are non-negative label indices")
+        if any(isinstance(c, int) and c < 0 for c in classes):
+            raise ValueError("classes are non-negative label indices or class names")
         return classes
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> DatasetSpec:
+        from worker.datasets.registry import dataset_info
+
+        kind = dataset_info(self.name).kind
+        if kind in ("folder", "npz") and not self.path:
+            what = "image folder" if kind == "folder" else ".npz file"
+            raise ValueError(f"data set {self.name!r} needs `path`: your {what}, under a data root")
+        if self.size is not None and kind != "folder":
+            raise ValueError("`size` resizes the images of an image folder (`folder`) only")
+        if self.layout is not None and kind not in ("npz", "plugin"):
+            raise ValueError("`layout` applies to arrays (`npz` and plugin data sets) only")
+        if kind == "plugin" and self.path is not None:
+            raise ValueError(f"data set {self.name!r} comes from a plugin and takes no `path`")
+        return self
 
 
 class _ModelBase(_Spec):
@@ -173,7 +216,58 @@ class ResNetSpec(_ModelBase):
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
 
-ModelSpec = Annotated[MLPSpec | ConvNetSpec | ResNetSpec, Field(discriminator="name")]
+ZOO_MODELS = ("mlp", "convnet", "resnet")
+
+
+class PluginModelSpec(_Spec):
+    """A network from an installed model plugin: ``build(input_shape, num_outputs, **params)``
+    of the entry point ``name`` in the group ``liptune.models`` (see :mod:`worker.models`).
+
+    The spec names the plugin and gives its parameters as data; the code is installed by
+    whoever runs the API and the workers, never carried in a spec.
+    """
+
+    name: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the plugin's builder (JSON values), checked against "
+        "its signature or its parameter model.",
+    )
+
+    @model_validator(mode="after")
+    def _installed_and_params_fit(self) -> PluginModelSpec:
+        from worker.models import model_info
+
+        model_info(self.name).check_params(self.params)  # ValueErrors name what is wrong
+        return self
+
+
+def _model_kind(value: Any) -> str:
+    """The zoo's own spec class for a zoo name, the plugin spec for an installed plugin's; any
+    other name is no tag, and the error lists the names this process knows."""
+    name = value.get("name", "mlp") if isinstance(value, dict) else getattr(value, "name", "mlp")
+    if name in ZOO_MODELS:
+        return name
+    from worker.models import registered_models
+
+    if name in registered_models():
+        return "plugin"
+    return name  # not a tag: the error names it with the tags known
+
+
+ModelSpec = Annotated[
+    Annotated[MLPSpec, Tag("mlp")]
+    | Annotated[ConvNetSpec, Tag("convnet")]
+    | Annotated[ResNetSpec, Tag("resnet")]
+    | Annotated[PluginModelSpec, Tag("plugin")],
+    Discriminator(
+        _model_kind,
+        custom_error_type="unknown_model",
+        custom_error_message="model.name is neither a zoo network (mlp, convnet, resnet) nor an "
+        "installed model plugin; GET /models lists those this server has",
+        custom_error_context={"discriminator": "name"},
+    ),
+]
 
 
 # --------------------------------------------------------------------------- training and loss

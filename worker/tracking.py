@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.client
+import importlib.util
 import itertools
 import logging
 import os
@@ -76,6 +77,28 @@ RADII_ARTIFACT = "certificates/radii.npz"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 #: The core's source, shipped with each PyTorch model: the pickled modules are its classes.
 _CORE_PATH = str(Path(liptune.__file__).resolve().parent)
+#: Packages whose classes a pickled model may use without shipping them: the model's own
+#: requirements.
+_REQUIRED_PACKAGES = {"torch", "numpy", "builtins", "collections"}
+
+
+def model_code_paths(model: nn.Module) -> list[str]:
+    """The source a pickled ``model`` needs beside torch: liptune's core, and the top-level
+    package of any other class in it (a model plugin's module), so the logged model loads
+    where neither liptune nor the plugin is installed."""
+    paths = [_CORE_PATH]
+    for module in model.modules():
+        package = type(module).__module__.split(".")[0]
+        if package in _REQUIRED_PACKAGES or package == "liptune":
+            continue
+        origin = importlib.util.find_spec(package)
+        if origin is None or not origin.submodule_search_locations:
+            location = origin.origin if origin is not None else None
+        else:
+            location = next(iter(origin.submodule_search_locations))
+        if location is not None and str(Path(location).resolve()) not in paths:
+            paths.append(str(Path(location).resolve()))
+    return paths
 
 
 @dataclass(frozen=True)
@@ -441,7 +464,7 @@ def log_model(
                 signature=signature,
                 input_example=example,
                 serialization_format="pickle",
-                code_paths=[_CORE_PATH],
+                code_paths=model_code_paths(model),
                 pip_requirements=[
                     f"torch=={torch.__version__.split('+')[0]}",
                     f"numpy=={np.__version__}",

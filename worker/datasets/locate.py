@@ -24,11 +24,13 @@ def inside_roots(path: Path, roots: Sequence[Path]) -> bool:
     return any(resolved.is_relative_to(root) for root in roots)
 
 
-def resolve_user_dir(path: str, roots: Sequence[Path]) -> Path:
-    """The directory a spec's ``dataset.path`` names, resolved and checked against ``roots``.
+def resolve_user_path(path: str, roots: Sequence[Path], want: str = "dir") -> Path:
+    """The directory (``want="dir"``) or file (``"file"``) a spec's ``dataset.path`` names,
+    resolved and checked against ``roots``.
 
     An absolute path must resolve inside a root; a relative one is tried under each root in
-    order. Raises :class:`DatasetError` when the path leaves the roots or is not a directory.
+    order. Raises :class:`DatasetError` when the path leaves the roots or is not a directory
+    (a file).
     """
     given = Path(path).expanduser()
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
@@ -38,7 +40,7 @@ def resolve_user_dir(path: str, roots: Sequence[Path]) -> Path:
         if not inside_roots(resolved, roots):
             outside.append(resolved)
             continue
-        if resolved.is_dir():
+        if resolved.is_dir() if want == "dir" else resolved.is_file():
             return resolved
     roots_text = ", ".join(str(root) for root in roots) or "(none configured)"
     if outside and len(outside) == len(candidates):
@@ -46,9 +48,10 @@ def resolve_user_dir(path: str, roots: Sequence[Path]) -> Path:
             f"dataset.path {path!r} resolves to {outside[0]}, outside the data roots "
             f"({roots_text}); move the files under a data root or add one with --data-root"
         )
+    what = "a directory" if want == "dir" else "a file"
     raise DatasetError(
-        f"dataset.path {path!r} is not a directory under any data root ({roots_text}); "
-        "give a directory relative to a data root, or add its parent with --data-root"
+        f"dataset.path {path!r} is not {what} under any data root ({roots_text}); "
+        f"give {what} relative to a data root, or add its parent with --data-root"
     )
 
 

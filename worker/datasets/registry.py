@@ -1,27 +1,57 @@
-"""The data sets liptune knows, by name, and where each one's files are looked for."""
+"""The data sets liptune knows, by name, and where each one's files are looked for.
+
+One registry, :data:`DATASETS`, holds every entry: the bundled, synthetic and file-based sets
+liptune ships, the two readers of a user's own files (``folder``: an image folder, ``npz``: Keras
+arrays), and the sets installed plugins bring. A plugin is a package that declares an entry point
+in the group ``liptune.datasets``::
+
+    [project.entry-points."liptune.datasets"]
+    my-set = "my_package.data:load"
+
+where ``load()`` returns a mapping of the arrays ``x_train``, ``y_train``, ``x_test``,
+``y_test`` (optionally ``class_names``), held to the checks of :mod:`worker.datasets.arrays`,
+or the entry point names a :class:`DatasetInfo` itself. Plugins are read once per process, the
+first time the registry is asked; :func:`register_dataset` adds an entry from Python code.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.metadata
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from worker.datasets.cifar import cifar_files
 from worker.datasets.errors import DatasetError
 from worker.datasets.idx import IDX_STEMS, idx_files
-from worker.datasets.locate import find_default_dir, resolve_user_dir, resolved_roots
+from worker.datasets.locate import find_default_dir, resolve_user_path, resolved_roots
+
+logger = logging.getLogger(__name__)
+
+#: The entry-point group of data-set plugins.
+ENTRY_POINT_GROUP = "liptune.datasets"
+Kind = Literal["bundled", "synthetic", "files", "folder", "npz", "plugin"]
+#: Kinds whose shape and classes are known only from the user's files or the plugin's arrays.
+USER_KINDS = ("folder", "npz", "plugin")
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """What the registry knows about a data set before loading it.
 
-    ``kind`` is ``"bundled"`` (shipped with a Python package), ``"synthetic"`` (generated) or
+    ``kind`` is ``"bundled"`` (shipped with a Python package), ``"synthetic"`` (generated),
     ``"files"`` (read from a directory under a data root: ``dir_names`` are looked for under each
-    root when the spec gives no ``path``). ``install_hint`` says how to make a missing one
-    available. ``train_examples`` is the size of the training pool (train + validation) before
-    any subsampling, for memory estimates (synthetic sets: ``n_samples`` decides).
+    root when the spec gives no ``path``), ``"folder"`` / ``"npz"`` (the user's own image folder or
+    array file named by ``dataset.path``) or ``"plugin"`` (arrays returned by ``loader``).
+    ``install_hint`` says how to make a missing one available. ``train_examples`` is the size of
+    the training pool (train + validation) before any subsampling, for memory estimates
+    (synthetic sets: ``n_samples`` decides). For the user kinds the shape fields are empty: the
+    files or the plugin's arrays say them (:func:`worker.datasets.describe_dataset`).
     """
 
     name: str
@@ -30,23 +60,37 @@ class DatasetInfo:
     input_shape: tuple[int, ...]
     num_classes: int
     class_names: tuple[str, ...]
-    kind: Literal["bundled", "synthetic", "files"]
+    kind: Kind
     file_format: Literal["idx", "cifar"] | None = None
     dir_names: tuple[str, ...] = ()
     install_hint: str = ""
     train_examples: int = 0
+    loader: Callable[[], Mapping[str, np.ndarray]] | None = None
+    source: str = "liptune"
 
     def locate(self, data_roots: Sequence[Path], path: str | None = None) -> dict[str, Path]:
         """The data set's files (role -> resolved path), all inside ``data_roots``.
 
-        Empty for bundled and synthetic sets. Raises :class:`DatasetError` saying what to
-        install or which path to set when the files are not there.
+        Empty for bundled, synthetic and plugin sets; ``{"folder": dir}`` or ``{"npz": file}``
+        for a user's own data. Raises :class:`DatasetError` saying what to install or which path
+        to set when the files are not there.
         """
+        if self.kind in ("folder", "npz"):
+            if not path:
+                raise DatasetError(
+                    f"data set {self.name!r} reads your own "
+                    f"{'image folder' if self.kind == 'folder' else '.npz file'}: name it with "
+                    "dataset.path, relative to a data root"
+                )
+            want = "dir" if self.kind == "folder" else "file"
+            return {self.kind: resolve_user_path(path, resolved_roots(data_roots), want)}
         if self.kind != "files":
             return {}
         roots = resolved_roots(data_roots)
         directory = (
-            resolve_user_dir(path, roots) if path else find_default_dir(self.dir_names, roots)
+            resolve_user_path(path, roots, "dir")
+            if path
+            else find_default_dir(self.dir_names, roots)
         )
         files = None
         if directory is not None:
@@ -72,6 +116,19 @@ class DatasetInfo:
 
 _IDX_NAMES = ", ".join(f"{stems[0]}[.gz]" for stems in IDX_STEMS.values())
 _DIGIT_NAMES = tuple(str(digit) for digit in range(10))
+
+_FOLDER_DESCRIPTION = (
+    "Your own image folder under a data root, in torchvision's ImageFolder layout: "
+    "`path`/train/<class>/* and `path`/test/<class>/*, or `path`/<class>/* (a fixed test split "
+    "is carved). Any format Pillow reads; RGB as soon as one image is in colour, else grey; one "
+    "size for all, or `size: [H, W]` to resize. Classes are the folder names."
+)
+_NPZ_DESCRIPTION = (
+    "Your own .npz file under a data root (`path`), in the layout of Keras's mnist.npz: "
+    "x_train, y_train, x_test, y_test (optionally class_names). Images (N, H, W), (N, H, W, C) "
+    "or (N, C, H, W) (`layout` where ambiguous) or vectors (N, D); uint8 in [0, 255] or floats "
+    "in [0, 1]; integer labels 0..K-1."
+)
 
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
@@ -188,13 +245,98 @@ DATASETS: dict[str, DatasetInfo] = {
             class_names=("outer sphere", "inner sphere"),
             kind="synthetic",
         ),
+        DatasetInfo(
+            name="folder",
+            description=_FOLDER_DESCRIPTION,
+            task="multiclass",
+            input_shape=(),
+            num_classes=0,
+            class_names=(),
+            kind="folder",
+        ),
+        DatasetInfo(
+            name="npz",
+            description=_NPZ_DESCRIPTION,
+            task="multiclass",
+            input_shape=(),
+            num_classes=0,
+            class_names=(),
+            kind="npz",
+        ),
     )
 }
+_plugins_lock = threading.Lock()
+_plugins_loaded = False
+
+
+def register_dataset(info: DatasetInfo) -> None:
+    """Add ``info`` to the registry; a name that is taken raises ``ValueError``."""
+    _load_plugins()
+    _register(info)
+
+
+def _register(info: DatasetInfo) -> None:
+    if info.name in DATASETS:
+        raise ValueError(f"data set {info.name!r} is registered already ({info.source})")
+    if info.kind == "plugin" and info.loader is None:
+        raise ValueError(f"data set {info.name!r}: a plugin data set needs a loader")
+    DATASETS[info.name] = info
+
+
+def plugin_info(name: str, loader: Callable[[], Mapping[str, np.ndarray]], source: str):
+    """The registry entry of a plugin's loader: its docstring describes it; the shapes are read
+    from its arrays when first described."""
+    doc = (getattr(loader, "__doc__", None) or "").strip()
+    return DatasetInfo(
+        name=name,
+        description=doc.split("\n\n")[0].replace("\n", " ") or f"Data set from {source}.",
+        task="multiclass",
+        input_shape=(),
+        num_classes=0,
+        class_names=(),
+        kind="plugin",
+        loader=loader,
+        source=source,
+    )
+
+
+def _load_plugins() -> None:
+    """Register each ``liptune.datasets`` entry point once per process; one that fails to load
+    is logged and left out, the others stay usable."""
+    global _plugins_loaded
+    with _plugins_lock:
+        if _plugins_loaded:
+            return
+        _plugins_loaded = True
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            source = f"plugin {entry.value}" + (f" ({entry.dist.name})" if entry.dist else "")
+            try:
+                loaded = entry.load()
+                if isinstance(loaded, DatasetInfo):
+                    info = loaded
+                elif callable(loaded):
+                    info = plugin_info(entry.name, loaded, source)
+                else:
+                    kind = type(loaded).__name__
+                    raise TypeError(f"{kind} is neither callable nor a DatasetInfo")
+                _register(info)
+            except Exception as error:  # a broken plugin must not take the registry down
+                logger.warning("data-set plugin %r (%s) left out: %s", entry.name, source, error)
+
+
+def registered_datasets() -> dict[str, DatasetInfo]:
+    """Every registry entry, plugins included, by name."""
+    _load_plugins()
+    return dict(DATASETS)
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """The registry entry of ``name``; :class:`DatasetError` lists the known names otherwise."""
+    _load_plugins()
     try:
         return DATASETS[name]
     except KeyError:
-        raise DatasetError(f"unknown data set {name!r}; known: {sorted(DATASETS)}") from None
+        raise DatasetError(
+            f"unknown data set {name!r}; known: {sorted(DATASETS)} (a plugin's data set needs "
+            "its package installed where the API and the workers run)"
+        ) from None
