@@ -24,7 +24,7 @@ from worker.costs import study_cost
 from worker.datasets import DatasetDescription, DatasetError, describe_dataset
 from worker.datasets.locate import resolved_roots
 from worker.models import check_model
-from worker.spec import PluginModelSpec, StudySpec
+from worker.spec import DatasetSpec, PluginModelSpec, StudySpec
 
 
 def _gib(n_bytes: int) -> str:
@@ -80,7 +80,9 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
             description = describe_dataset(spec.dataset, roots)
         except DatasetError as error:
             field = error.field or ("path" if spec.dataset.path else "name")
-            errors.append(field_error(f"body.dataset.{field}", _relative(str(error), roots)))
+            errors.append(
+                field_error(f"body.dataset.{field}", relative_to_roots(str(error), roots))
+            )
     if description is not None:
         errors += _data_errors(spec, description, settings)
     device = spec.training.device
@@ -96,12 +98,21 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
         raise invalid_input(errors)
 
 
-def _relative(message: str, roots: list[Path]) -> str:
+def relative_to_roots(message: str, roots: list[Path]) -> str:
     """``message`` with the data roots' absolute paths cut off: a user's files are named as the
     spec names them, the server's directories are not shown."""
     for root in sorted(roots, key=lambda root: len(str(root)), reverse=True):
         message = message.replace(f"{root}/", "").replace(str(root), "<data root>")
     return message
+
+
+def dataset_field_error(
+    error: DatasetError, dataset: DatasetSpec, roots: list[Path]
+) -> dict[str, str]:
+    """The 422 entry of a data set that cannot run: the field at fault and the reason, with
+    the user's files named relative to their data root."""
+    field = error.field or ("path" if dataset.path else "name")
+    return field_error(f"body.dataset.{field}", relative_to_roots(str(error), roots))
 
 
 def _data_errors(

@@ -15,10 +15,13 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
+from service.admission import dataset_field_error
 from service.dependencies import Resources, get_resources, require_read_key
-from worker.datasets import DATASETS
+from service.problems import invalid_input
+from worker.datasets import DatasetError, DatasetInfo, describe_dataset, registered_datasets
+from worker.datasets.locate import resolved_roots
 from worker.losses import LOSSES
-from worker.models import MODELS
+from worker.models import ModelInfo, registered_models
 from worker.samplers import SAMPLER_DESCRIPTIONS
 from worker.spec import DatasetSpec, PrunerSpec, TrainingSpec
 
@@ -72,36 +75,102 @@ def spec_fields(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> dict[s
     }
 
 
+def _dataset_item(name: str, info: DatasetInfo, roots: list) -> dict[str, Any]:
+    item = {
+        "name": name,
+        "description": info.description,
+        "task": info.task,
+        "input_shape": list(info.input_shape),
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "kind": info.kind,
+        "source": info.source,
+        "available": info.available(roots),
+        "install_hint": info.install_hint or None,
+    }
+    if info.kind == "plugin":  # a plugin's arrays say its shape and classes
+        try:
+            described = describe_dataset(DatasetSpec(name=name), roots)
+        except DatasetError as error:
+            item |= {"available": False, "install_hint": str(error)}
+        else:
+            item |= {
+                "task": described.task,
+                "input_shape": list(described.input_shape),
+                "num_classes": described.num_classes,
+                "class_names": list(described.class_names),
+            }
+    elif info.kind in ("folder", "npz"):  # known once a spec names the files
+        item |= {"task": None, "input_shape": None, "num_classes": None, "class_names": None}
+    return item
+
+
 @router.get("/datasets", summary="Data sets a spec may name, and whether this server has them")
 def list_datasets(resources: Resources = Depends(get_resources)) -> dict[str, Any]:
     roots = resources.settings.resolved_data_roots()
-    items = [
-        {
-            "name": name,
-            "description": info.description,
-            "task": info.task,
-            "input_shape": list(info.input_shape),
-            "num_classes": info.num_classes,
-            "class_names": list(info.class_names),
-            "kind": info.kind,
-            "available": info.available(roots),
-            "install_hint": info.install_hint or None,
-        }
-        for name, info in DATASETS.items()
-    ]
+    items = [_dataset_item(name, info, roots) for name, info in registered_datasets().items()]
     return {"items": items, "fields": spec_fields(DatasetSpec, exclude=("name",))}
 
 
-@router.get("/models", summary="Models of the zoo and their settings")
+class _DatasetQuery(BaseModel):
+    model_config = {"extra": "forbid"}
+    dataset: DatasetSpec
+
+
+@router.post(
+    "/datasets/inspect",
+    summary="Describe a data set as a spec names it: a user's folder or .npz from its headers",
+)
+def inspect_dataset(
+    query: _DatasetQuery, resources: Resources = Depends(get_resources)
+) -> dict[str, Any]:
+    """The task, input shape, classes and training-set size of ``query.dataset``, read from
+    the files' structure and headers (nothing is decoded or stored); a 422 names what a study
+    on it would be refused for."""
+    spec = query.dataset
+    roots = resolved_roots(resources.settings.resolved_data_roots())
+    try:
+        described = describe_dataset(spec, roots)
+    except DatasetError as error:
+        raise invalid_input([dataset_field_error(error, spec, roots)]) from None
+    return {
+        "name": described.name,
+        "kind": described.kind,
+        "task": described.task,
+        "input_shape": list(described.input_shape),
+        "num_classes": described.num_classes,
+        "class_names": list(described.class_names),
+        "train_examples": described.train_examples,
+        "decoded_bytes": described.cache_bytes,
+    }
+
+
+def _model_item(name: str, info: ModelInfo) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "name": name,
+        "description": info.description,
+        "source": info.source,
+        "kind": "plugin" if info.is_plugin else "zoo",
+    }
+    if info.params_model is None:
+        return item | {"fields": spec_fields(info.spec_class, exclude=("name",))}
+    params = spec_fields(info.params_model)
+    defaults = {key: value["default"] for key, value in params.items() if "default" in value}
+    return item | {
+        "params": params,
+        "fields": {
+            "params": {
+                "type": "object",
+                "default": defaults,
+                "description": "The plugin builder's keyword parameters: " + ", ".join(params),
+            }
+        },
+    }
+
+
+@router.get("/models", summary="Models of the zoo and installed model plugins, with settings")
 def list_models() -> dict[str, Any]:
-    items = [
-        {
-            "name": name,
-            "description": info.description,
-            "fields": spec_fields(info.spec_class, exclude=("name",)),
-        }
-        for name, info in MODELS.items()
-    ]
+    items = [_model_item(name, info) for name, info in registered_models().items()]
     return {"items": items, "training": spec_fields(TrainingSpec)}
 
 
