@@ -20,7 +20,9 @@ def _images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, len(CLASS_NAMES), size=count)
     images = rng.integers(0, 60, size=(count, SIZE, SIZE)).astype(np.uint8)
     rows = np.arange(SIZE)
-    for index, (label, offset) in enumerate(zip(labels, rng.integers(2, SIZE - 2, size=count))):
+    for index, (label, offset) in enumerate(
+        zip(labels, rng.integers(2, SIZE - 2, size=count), strict=True)
+    ):
         if label == 0:
             images[index, offset, :] = 255
         elif label == 1:

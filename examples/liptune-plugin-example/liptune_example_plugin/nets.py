@@ -12,6 +12,12 @@ from torch import nn
 from liptune import nn as lnn
 
 
+class BarNet(lnn.LipschitzSequential):
+    """The team's own network class: a sequence of 1-Lipschitz layers (its ``forward`` is the
+    sequence's, so the guaranteed bound composes the layers' bounds). Pickled models refer to
+    this class, so liptune ships this package's source with each logged model."""
+
+
 def build(
     input_shape: tuple[int, ...],
     num_outputs: int,
@@ -26,7 +32,7 @@ def build(
     if height % 2 or width_in % 2:
         raise ValueError(f"bar-net needs even image sides, got {height}x{width_in}")
     features = 4 * channels * (height // 2) * (width_in // 2)
-    return lnn.LipschitzSequential(
+    return BarNet(
         lnn.AOLConv2d(in_channels, channels, 3, padding="same"),
         lnn.GroupSort2(),
         lnn.AOLConv2d(channels, channels, 3, padding="same"),

@@ -1,1 +1,0 @@
-"""An example liptune plugin: the network ``bar-net`` and the data set ``bars``."""
