@@ -173,6 +173,12 @@ class StudyDetail(StudySummary):
         description="`spent`: epochs trained by the study's trials; `saved`: epochs its pruned "
         "trials did not train."
     )
+    class_names: list[str] | None = Field(
+        default=None,
+        description="The classes the study's models tell apart, label k named by entry k (a "
+        "folder's sub-folder names, an .npz's or a plugin's class_names); null when the data "
+        "set cannot be read here.",
+    )
 
 
 class ParetoFront(_Schema):

@@ -30,7 +30,8 @@
     const spec = study.spec || {};
     const model = spec.model ? `${spec.model.name}${spec.model.widths ? ` ${JSON.stringify(spec.model.widths)}` : ""}` : study.model;
     const families = spec.search_space ? [].concat(spec.search_space.loss).join(", ") : "";
-    $("study-meta").textContent = [study.dataset, model, families && `losses: ${families}`, spec.sampler && `sampler: ${spec.sampler}`, spec.training && `${spec.training.epochs} epochs`]
+    const classes = study.class_names ? `classes: ${study.class_names.join(", ")}` : "";
+    $("study-meta").textContent = [study.dataset, classes, model, families && `losses: ${families}`, spec.sampler && `sampler: ${spec.sampler}`, spec.training && `${spec.training.epochs} epochs`]
       .filter(Boolean).join(" · ");
     $("study-progress").replaceChildren(progressBar(study.counts || {}, spec.n_trials));
     const stats = [];

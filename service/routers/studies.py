@@ -41,6 +41,7 @@ from service.schemas import (
     StudySummary,
     render_json,
 )
+from worker.datasets import DatasetError, describe_dataset
 from worker.spec import StudySpec
 from worker.studies import (
     RUNNING,
@@ -105,6 +106,13 @@ def summary_view(snapshot: StudySnapshot) -> dict[str, Any]:
     return snapshot.memo("summary", compute)
 
 
+def _class_names(snapshot: StudySnapshot) -> list[str] | None:
+    try:
+        return list(describe_dataset(snapshot.spec.dataset).class_names)
+    except DatasetError:
+        return None
+
+
 def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         objectives = results.objective_entries(snapshot.spec)
@@ -115,6 +123,7 @@ def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
         )
         return {
             **summary_view(snapshot),
+            "class_names": _class_names(snapshot),
             "spec": snapshot.spec_data,
             "objectives": objectives,
             "requirements": [r.model_dump(mode="json") for r in snapshot.spec.requirements],
