@@ -441,6 +441,17 @@ def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -
     return LipschitzSequential(*layers, certificate_mode=mode)
 
 
+def certificate_mode(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> str:
+    """The certificate mode the network of ``spec`` will have (a plugin's is read from its
+    network, built on the ``meta`` device)."""
+    if num_classes == 2:
+        return "binary"
+    if not isinstance(spec, PluginModelSpec):
+        return spec.head
+    with torch.device("meta"):
+        return build_model(spec, input_shape, num_classes).certificate_mode
+
+
 def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> None:
     """Build the network on the ``meta`` device (no memory, no weights) and check that the
     guaranteed bound knows each of its modules once exported; ``ValueError`` naming the module

@@ -62,6 +62,7 @@ from worker.studies import (
     COMPLETED,
     FAILED,
     RUNNING,
+    SPEC_ATTR,
     experiment_name,
     load_spec,
 )
@@ -252,10 +253,13 @@ class Worker:
         except ValidationError as error:
             if study_name not in self._unreadable:
                 self._unreadable.add(study_name)
+                data = frozen.user_attrs.get(SPEC_ATTR) or {}
                 logger.warning(
-                    "%s: left to other workers, this one cannot run its spec (is a model or "
-                    "data-set plugin missing here?): %s",
+                    "%s: left to other workers, this one cannot run its spec (model %r, data set "
+                    "%r: is a plugin missing here?): %s",
                     study_name,
+                    (data.get("model") or {}).get("name"),
+                    (data.get("dataset") or {}).get("name"),
                     "; ".join(item["msg"] for item in error.errors()),
                 )
             return None

@@ -42,6 +42,8 @@ import numpy as np
 import optuna
 
 from worker.costs import num_classes
+from worker.datasets import describe_dataset
+from worker.models import certificate_mode
 from worker.search_space import grid
 from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, Range, SearchSpace, StudySpec
 
@@ -244,9 +246,11 @@ def certified_gap(spec: StudySpec) -> float | None:
     if not wanted:
         return None
     eps = math.exp(sum(math.log(value) for value in wanted) / len(wanted))
-    if num_classes(spec.dataset) == 2:
+    described = describe_dataset(spec.dataset)
+    mode = certificate_mode(spec.model, described.input_shape, described.num_classes)
+    if mode == "binary":
         return eps
-    return eps * (math.sqrt(2.0) if spec.model.head == "global" else 2.0)
+    return eps * (math.sqrt(2.0) if mode == "global" else 2.0)
 
 
 def eps_anchors(spec: StudySpec) -> dict[str, float]:
