@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -219,16 +220,10 @@ def test_certified_classifier_checks_its_inputs():
         (np.full((1, 1, 2, 2), -0.1), "[0, 1]"),
         ([["a"]], "numbers"),
     ]:
-        with pytest.raises(InvalidInput, match=re_escape(says)):
+        with pytest.raises(InvalidInput, match=re.escape(says)):
             model.certify(bad)
     with pytest.raises(InvalidInput, match="eps"):
         model.certify(np.zeros((1, 1, 2, 2)), eps=-1.0)
-
-
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 def test_liptune_predict_on_a_folder_of_images(registered, tmp_path, capsys):
@@ -265,7 +260,15 @@ def test_liptune_predict_on_a_folder_of_images(registered, tmp_path, capsys):
 
 
 def test_liptune_predict_refuses_what_it_cannot_answer(registered, tmp_path, capsys):
-    config, _, uri, _ = registered
+    config, result, uri, _ = registered
+    experiment = config.client.get_run(result.run_id).info.experiment_id
+    (onnx_model,) = [
+        model for model in config.client.search_logged_models([experiment]) if model.name == "onnx"
+    ]
+    np.savez(tmp_path / "ok.npz", x=np.zeros((1, 1, 8, 8), dtype=np.float32))
+    argv = ["predict", f"models:/{onnx_model.model_id}", str(tmp_path / "ok.npz")]
+    assert main([*argv, "--mlflow", config.tracking_uri]) == 2
+    assert "does not answer with certificates" in capsys.readouterr().err
     Image.new("L", (28, 28)).save(tmp_path / "big.png")
     np.savez(tmp_path / "floats.npz", x=np.full((2, 1, 8, 8), 3.0, dtype=np.float32))
     for target, says in [
