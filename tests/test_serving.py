@@ -134,8 +134,8 @@ def invoke(base: str, body: dict) -> requests.Response:
     return requests.post(f"{base}/invocations", json=body, timeout=60)
 
 
-def test_served_model_answers_labels_and_radii_without_liptune(registered, served):
-    _, result, _, x = registered
+def test_served_model_answers_labels_and_radii_without_liptune(registered, served, tmp_path):
+    config, result, _, x = registered
     base, marker = served
     response = invoke(base, {"inputs": x.numpy().tolist()})
     assert response.status_code == 200, response.text
@@ -145,6 +145,12 @@ def test_served_model_answers_labels_and_radii_without_liptune(registered, serve
     np.testing.assert_allclose([a["radius"] for a in answers], radii.numpy(), atol=1e-5)
     np.testing.assert_allclose([a["logits"] for a in answers], logits.numpy(), atol=1e-5)
     assert all("certified" not in answer for answer in answers)
+    # Exactly what the trial reported: the radii it logged for the same test points.
+    path = config.client.download_artifacts(result.run_id, "certificates/radii.npz", str(tmp_path))
+    with np.load(path) as logged:
+        np.testing.assert_allclose(
+            [a["radius"] for a in answers], logged["radii"][: len(x)], atol=1e-5
+        )
     # The server and its worker ran without liptune: only the model's code_paths had it.
     lines = marker.read_text().splitlines()
     assert len(lines) >= 2 and all(line.endswith(" None") for line in lines), lines
