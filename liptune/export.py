@@ -102,13 +102,20 @@ def _example(model: nn.Module, input_shape: Sequence[int], batch: int = 1) -> Te
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, input_shape: Sequence[int], *, opset_version: int = 18
+    model: nn.Module,
+    path: str | Path,
+    input_shape: Sequence[int],
+    *,
+    opset_version: int = 18,
+    lipschitz: float | None = None,
 ) -> Path:
     """Write :func:`vanilla_export` of ``model`` to ``path`` as ONNX; return the path.
 
     The graph has one input ``"input"`` of shape ``(batch, *input_shape)`` with a dynamic
-    batch dimension, and one output ``"output"``. Models made of the core's modules and
-    plain ``nn.Linear``/``nn.Conv2d``/``nn.Flatten``/``nn.Sequential`` are written directly
+    batch dimension, and the output ``"output"``; with ``lipschitz`` (the guaranteed bound L
+    of what the head promises) a second output ``"radius"``, ``(batch,)``: each input's
+    certified radius margin / (c L), computed in the graph. Models made of the core's modules
+    and plain ``nn.Linear``/``nn.Conv2d``/``nn.Flatten``/``nn.Sequential`` are written directly
     by :func:`liptune.onnx.to_onnx`; a model with any other module (or ``opset_version``
     below 18) goes through ``torch.onnx.export(dynamo=True)``, a few seconds per call.
     """
@@ -119,34 +126,62 @@ def export_onnx(
 
     exported = vanilla_export(model)
     path = Path(path)
+    if lipschitz is not None and not hasattr(exported, "certificate_mode"):
+        raise ValueError("a radius output needs a model with a certificate_mode")
     if opset_version >= MIN_OPSET:
         try:
-            proto = to_onnx(exported, _example(exported, input_shape), opset_version=opset_version)
+            proto = to_onnx(
+                exported,
+                _example(exported, input_shape),
+                opset_version=opset_version,
+                lipschitz=lipschitz,
+            )
         except UnsupportedModule:
             pass
         else:
             onnx.save(proto, path)
             return path
-    _torch_export_onnx(exported, path, input_shape, opset_version)
+    _torch_export_onnx(exported, path, input_shape, opset_version, lipschitz)
     return path
 
 
+class _WithRadius(nn.Module):
+    """``model``'s logits and each input's certified radius (for ``torch.onnx.export``)."""
+
+    def __init__(self, model: nn.Module, lipschitz: float) -> None:
+        super().__init__()
+        self.model = model
+        self.lipschitz = lipschitz
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        from liptune.certify import certificates
+
+        logits = self.model(x)
+        return logits, certificates(logits, self.model.certificate_mode, self.lipschitz)
+
+
 def _torch_export_onnx(
-    exported: nn.Module, path: Path, input_shape: Sequence[int], opset_version: int
+    exported: nn.Module,
+    path: Path,
+    input_shape: Sequence[int],
+    opset_version: int,
+    lipschitz: float | None = None,
 ) -> None:
     # Batch 2: torch.export specialises a dimension of size 1 to a constant.
     example = _example(exported, input_shape, batch=2)
     batch = torch.export.Dim("batch", min=1)
+    module = exported if lipschitz is None else _WithRadius(exported, lipschitz).eval()
+    names = ["output"] if lipschitz is None else ["output", "radius"]
     with torch.no_grad():
         torch.onnx.export(
-            exported,
+            module,
             (example,),
             str(path),
             input_names=["input"],
-            output_names=["output"],
+            output_names=names,
             opset_version=opset_version,
             dynamo=True,
-            dynamic_shapes={"input": {0: batch}},
+            dynamic_shapes=({0: batch},) if lipschitz is not None else {"input": {0: batch}},
             external_data=False,
             verbose=False,
         )

@@ -399,41 +399,79 @@ def _input_shapes(model: nn.Module, example: Tensor) -> tuple[dict[nn.Module, tu
     return shapes, output
 
 
+def _radius(graph: _Graph, logits: str, mode: str, lipschitz: float) -> str:
+    """The certified radius of each row of ``logits``, shape ``(N,)``: ``|f| / L`` (binary) or
+    ``(top1 - top2) / (c L)``, with ``c L`` one constant of the graph."""
+    flat = graph.op("Flatten", logits, axis=1)
+    if mode == "binary":
+        margin = graph.op("Abs", flat)
+        scale = lipschitz
+    else:
+        top, _ = graph.node("TopK", [flat, graph.constant([2], integer=True)], outputs=2, axis=1)
+        first, second = graph.node("Split", [top], outputs=2, axis=1, num_outputs=2)
+        margin = graph.op("Sub", first, second)
+        scale = {"global": math.sqrt(2.0), "classwise": 2.0}[mode] * lipschitz
+    radius = graph.op("Div", margin, graph.constant(scale))
+    return graph.op("Reshape", radius, graph.constant([-1], integer=True))
+
+
 def to_onnx(
-    model: nn.Module, example: Tensor, *, opset_version: int = MIN_OPSET
+    model: nn.Module,
+    example: Tensor,
+    *,
+    opset_version: int = MIN_OPSET,
+    lipschitz: float | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model of ``model`` (a :func:`~liptune.export.vanilla_export` in eval mode).
 
     ``example`` is one input batch ``(N, *input_shape)``: the graph has the input ``"input"``
     of shape ``("batch", *input_shape)`` and the output ``"output"``, in ``example``'s dtype;
     the model's ``certificate_mode``, when it has one, is the metadata property
-    ``"liptune.certificate_mode"``. The result passes :func:`onnx.checker.check_model`.
+    ``"liptune.certificate_mode"``. With ``lipschitz`` (the guaranteed bound L the certificates
+    divide by; the model must have a ``certificate_mode``) the graph has a second output
+    ``"radius"`` of shape ``("batch",)``: margin / (c L) as :func:`liptune.certify.certificates`
+    computes it, and L is the metadata property ``"liptune.lipschitz_bound"``. The result passes
+    :func:`onnx.checker.check_model`.
 
     Raises:
         UnsupportedModule: a module of ``model`` has no emitter, or a setting the writer does
             not handle.
-        ValueError: ``opset_version`` is below :data:`MIN_OPSET`.
+        ValueError: ``opset_version`` is below :data:`MIN_OPSET`, or ``lipschitz`` is given
+            for a model without a certificate mode.
     """
     if opset_version < MIN_OPSET:
         raise ValueError(f"the ONNX writer needs opset_version >= {MIN_OPSET}, got {opset_version}")
+    mode = getattr(model, "certificate_mode", None)
+    if lipschitz is not None and mode is None:
+        raise ValueError("a radius output needs a model with a certificate_mode")
     shapes, output = _input_shapes(model, example)
     graph = _Graph(example.dtype, shapes)
     out = graph.emit(model, "input")
     graph.nodes.append(helper.make_node("Identity", [out], ["output"]))
     element_type = helper.np_dtype_to_tensor_dtype(graph.dtype)
+    outputs = [helper.make_tensor_value_info("output", element_type, ["batch", *output.shape[1:]])]
+    if lipschitz is not None:
+        radius = _radius(graph, out, mode, lipschitz)
+        graph.nodes.append(helper.make_node("Identity", [radius], ["radius"]))
+        outputs.append(helper.make_tensor_value_info("radius", element_type, ["batch"]))
     proto = helper.make_model(
         helper.make_graph(
             graph.nodes,
             "liptune",
             [helper.make_tensor_value_info("input", element_type, ["batch", *example.shape[1:]])],
-            [helper.make_tensor_value_info("output", element_type, ["batch", *output.shape[1:]])],
+            outputs,
             graph.initializers,
         ),
         opset_imports=[helper.make_opsetid("", opset_version)],
         producer_name="liptune",
     )
-    if hasattr(model, "certificate_mode"):
-        helper.set_model_props(proto, {"liptune.certificate_mode": model.certificate_mode})
+    properties = {}
+    if mode is not None:
+        properties["liptune.certificate_mode"] = mode
+    if lipschitz is not None:
+        properties["liptune.lipschitz_bound"] = repr(float(lipschitz))
+    if properties:
+        helper.set_model_props(proto, properties)
     proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
     onnx.checker.check_model(proto, full_check=True)
     return proto

@@ -17,6 +17,7 @@ COMMANDS = {
     "worker": "service.commands.worker",
     "train": "service.commands.train",
     "demo": "service.commands.demo",
+    "predict": "service.commands.predict",
 }
 
 HELPS = {
@@ -24,6 +25,7 @@ HELPS = {
     "worker": "run trials of every running study until stopped",
     "train": "run one trial from a YAML/JSON spec, without the service",
     "demo": "train and certify a small model on the digits data set",
+    "predict": "label inputs with a registered model, with certified radii",
 }
 
 

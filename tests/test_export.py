@@ -11,6 +11,7 @@ import torch
 from pydantic import TypeAdapter
 from torch import nn
 
+from liptune.certify import certificates
 from liptune.export import export_onnx, lipschitz_upper_bound, vanilla_export
 from liptune.nn import (
     FrobeniusLinear,
@@ -300,6 +301,50 @@ def test_an_unknown_module_falls_back_to_the_torch_exporter(tmp_path):
         to_onnx(vanilla_export(model), torch.rand(1, 4))
     proto = onnx_outputs_match(model, (4,), tmp_path / "model.onnx")
     assert not written_directly(proto)
+
+
+def binary_head() -> LipschitzSequential:
+    return LipschitzSequential(
+        nn.Flatten(),
+        SpectralLinear(64, 8),
+        GroupSort2(),
+        SpectralLinear(8, 1),
+        certificate_mode="binary",
+    )
+
+
+def radius_matches(model: nn.Module, input_shape: tuple[int, ...], path) -> onnx.ModelProto:
+    """The ONNX graph's ``radius`` output equals liptune.certify's certificate at L = 1.3."""
+    export_onnx(model, path, input_shape, lipschitz=1.3)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [output.name for output in session.get_outputs()] == ["output", "radius"]
+    x = torch.rand(5, *input_shape)
+    output, radius = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        logits = vanilla_export(model)(x)
+    expected = certificates(logits, model.certificate_mode, lipschitz=1.3).numpy()
+    assert radius.shape == (5,)
+    np.testing.assert_allclose(output, logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(radius, expected, rtol=1e-5, atol=1e-6)
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("mode", ["global", "classwise", "binary"])
+def test_the_graph_computes_each_input_s_certified_radius(tmp_path, mode):
+    model = trained(binary_head() if mode == "binary" else classifier(mode))
+    proto = radius_matches(model, (1, 8, 8), tmp_path / "model.onnx")
+    assert written_directly(proto)
+    properties = {p.key: p.value for p in proto.metadata_props}
+    assert properties == {"liptune.certificate_mode": mode, "liptune.lipschitz_bound": "1.3"}
+
+
+def test_the_torch_exporter_computes_the_radius_too(tmp_path):
+    model = LipschitzSequential(
+        nn.Linear(4, 6), Doubled(), GroupSort2(), nn.Linear(6, 3), certificate_mode="global"
+    )
+    assert not written_directly(radius_matches(model, (4,), tmp_path / "model.onnx"))
+    with pytest.raises(ValueError, match="certificate_mode"):
+        export_onnx(nn.Linear(4, 2), tmp_path / "bare.onnx", (4,), lipschitz=1.0)
 
 
 def test_writer_refuses_what_it_cannot_write():

@@ -91,6 +91,7 @@ def server(tmp_path: Path, storage_url: str):
 
 
 def test_digits_study_end_to_end(server, tmp_path: Path, mlflow_store):
+    import mlflow.pyfunc
     import mlflow.pytorch
     import onnxruntime
     import torch
@@ -136,11 +137,16 @@ def test_digits_study_end_to_end(server, tmp_path: Path, mlflow_store):
 
     with mlflow_store(f"sqlite:///{home / 'mlflow.db'}"):
         model = mlflow.pytorch.load_model(model_uri).eval()
+        served = mlflow.pyfunc.load_model(model_uri)
     inputs = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(inputs).numpy()
     session = onnxruntime.InferenceSession(str(onnx_path))
     name = session.get_inputs()[0].name
-    (outputs,) = session.run(None, {name: inputs.numpy()})
+    outputs, radius = session.run(None, {name: inputs.numpy()})
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
     assert np.array_equal(outputs.argmax(axis=1), expected.argmax(axis=1))
+    # The registered model's pyfunc answers the label and the radius the ONNX graph computes.
+    answer = served.predict(inputs.numpy())
+    assert answer["label"].tolist() == expected.argmax(axis=1).tolist()
+    np.testing.assert_allclose(answer["radius"], radius, rtol=1e-4, atol=1e-5)

@@ -384,8 +384,8 @@ def test_study_survives_a_killed_worker_and_its_model_loads_from_mlflow(
     inputs = load_dataset(DatasetSpec(name="digits"), data_roots=[], seed=0).test.x[:256]
     with torch.no_grad():
         loaded = model(inputs).numpy()
-    (exported,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
-    assert loaded.shape == (len(inputs), 10)
+    exported, radius = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+    assert loaded.shape == (len(inputs), 10) and radius.shape == (len(inputs),)
     np.testing.assert_allclose(loaded, exported, rtol=1e-4, atol=1e-5)
 
     # Clients uploaded through the server: the artifacts lie in its destination only.

@@ -14,6 +14,7 @@ import requests
 import torch
 from mlflow.exceptions import MlflowException
 
+from liptune.certify import certificates, predict_with_certificates
 from worker.datasets import load_dataset
 from worker.radii import RadiiSummary
 from worker.spec import TrialSpec
@@ -26,6 +27,7 @@ from worker.tracking import (
     end_run,
     flatten_params,
     mlflow_unreachable,
+    onnx_providers,
     register_model,
     start_run,
 )
@@ -189,9 +191,18 @@ def test_onnx_model_is_a_real_mlflow_model_with_a_signature(tracked, mlflow_stor
     assert info.flavors.keys() >= {"onnx", "python_function"}
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:]) == [1, 8, 8]
     with torch.no_grad():
-        expected = result.model(x).numpy()
-    (predicted,) = pyfunc.predict(x.numpy()).values()  # {output name: array}
-    np.testing.assert_allclose(predicted, expected, atol=1e-5)
+        expected = result.model(x)
+    predicted = pyfunc.predict(x.numpy())  # {output name: array}
+    assert sorted(predicted) == ["output", "radius"]
+    np.testing.assert_allclose(predicted["output"], expected.numpy(), atol=1e-5)
+    # The graph's radius is the PyTorch certificate with the trial's guaranteed bound.
+    bound = result.metrics["lipschitz_bound"]
+    radii = certificates(expected, "global", lipschitz=bound).numpy()
+    assert predicted["radius"].shape == (16,)
+    np.testing.assert_allclose(predicted["radius"], radii, rtol=1e-5, atol=1e-6)
+    # Logged with the providers this machine has: no warning about a missing CUDA.
+    assert info.flavors["onnx"]["providers"] == onnx_providers()
+    assert set(onnx_providers()) <= set(onnxruntime.get_available_providers())
 
 
 SERVE_WITHOUT_LIPTUNE = """
@@ -209,13 +220,15 @@ import mlflow, numpy as np
 mlflow.set_tracking_uri({uri!r})
 model = mlflow.pyfunc.load_model({model_uri!r})
 x = np.load({x_path!r})
-print(json.dumps(np.asarray(model.predict(x)).tolist()))
+answer = model.predict(x, params={{"eps": 0.1}})
+print(json.dumps(answer.to_dict(orient="list")))
 """
 
 
 def test_registered_model_serves_where_liptune_is_not_importable(tracked, tmp_path):
-    """A fresh process without liptune loads the registered PyTorch model as pyfunc (what
-    `mlflow models serve --env-manager local` does) and predicts what the trial's model does."""
+    """A fresh process without liptune loads the registered model as pyfunc (what
+    `mlflow models serve --env-manager local` does) and answers the trial's logits, labels and
+    certified radii (margin / (sqrt(2) L), the trial's bound L)."""
     import json
     import subprocess
     import sys
@@ -234,9 +247,14 @@ def test_registered_model_serves_where_liptune_is_not_importable(tracked, tmp_pa
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    with torch.no_grad():
-        expected = result.model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(np.array(json.loads(done.stdout)), expected, atol=1e-6)
+    answer = json.loads(done.stdout.splitlines()[-1])
+    logits, labels, radii = predict_with_certificates(
+        result.model, torch.from_numpy(x), lipschitz=result.metrics["lipschitz_bound"]
+    )
+    np.testing.assert_allclose(np.array(answer["logits"]), logits.numpy(), atol=1e-6)
+    assert answer["label"] == labels.tolist()
+    np.testing.assert_allclose(answer["radius"], radii.numpy(), atol=1e-6)
+    assert answer["certified"] == (radii >= 0.1).tolist()
 
 
 def test_only_running_runs_of_finished_trials_are_ended_as_orphans(tmp_path):

@@ -7,10 +7,17 @@ the process-wide tracking URI: it runs with that URI set for the duration of the
 
 A trial's models are MLflow logged models created in the trial's run and the study's
 experiment, so their files live under the experiment's artifact location (the configured
-artifact root): the PyTorch model (``name="model"``, with liptune's core as ``code_paths``, so
-it loads where liptune is not installed) and the ONNX model (``name="onnx"``, a
-``mlflow.onnx`` model that ``mlflow models serve`` runs with onnxruntime), both with a
-signature and an input example.
+artifact root), both with a signature and an input example:
+
+- ``name="model"``, the one the registry points to: the pickled network in
+  ``mlflow.pytorch``'s format (``mlflow.pytorch.load_model`` gives the raw network) whose
+  ``python_function`` flavor is :mod:`liptune.serving` (``mlflow.pyfunc.load_model`` and
+  ``mlflow models serve`` answer each input with its label, certified radius and logits, and
+  with ``params={"eps": E}`` whether it is certified at E), with the trial's
+  :class:`~liptune.serving.Certificate` beside the network and liptune's core as
+  ``code_paths`` (:func:`model_code_paths`), so it loads where liptune is not installed;
+- ``name="onnx"``, a ``mlflow.onnx`` model with the outputs ``output`` (logits) and ``radius``
+  that ``mlflow models serve`` runs with onnxruntime.
 
 Speed: the model is pickled (``torch.export``'s pt2 format takes seconds), its pip requirements
 are stated (inferring them starts a subprocess) and system metrics are off.
@@ -45,15 +52,18 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 import mlflow
 import mlflow.onnx
+import mlflow.pyfunc
 import mlflow.pytorch
 import onnx
 import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import Model, ModelSignature, infer_signature
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from sqlalchemy.engine import make_url
 
 import liptune
+from liptune.serving import LOADER_MODULE, Certificate
 from worker.paths import default_artifact_root, default_tracking_uri
 from worker.storage import resolve_url, schema_lock
 from worker.store import using_tracking_uri
@@ -83,9 +93,10 @@ _REQUIRED_PACKAGES = {"torch", "numpy", "builtins", "collections"}
 
 
 def model_code_paths(model: nn.Module) -> list[str]:
-    """The source a pickled ``model`` needs beside torch: liptune's core, and the top-level
-    package of any other class in it (a model plugin's module), so the logged model loads
-    where neither liptune nor the plugin is installed."""
+    """The source that travels with a logged PyTorch ``model`` (its ``code_paths``): liptune's
+    core (unpickling the network and answering it as a pyfunc, :mod:`liptune.serving`) and the
+    top-level package of any other class in it (a model plugin's module), so the logged model
+    loads where neither liptune nor the plugin is installed."""
     paths = [_CORE_PATH]
     for module in model.modules():
         package = type(module).__module__.split(".")[0]
@@ -439,29 +450,32 @@ def log_model(
     run_id: str,
     model: nn.Module,
     input_example: torch.Tensor,
+    certificate: Certificate,
 ) -> str:
     """Log ``model`` (a plain, picklable module: the exported model, never a parametrised one)
-    with ``mlflow.pytorch.log_model`` as the run's logged model ``"model"``, with its signature,
-    ``input_example`` (a small batch) and the core's source (``code_paths``); its requirements
-    are torch and numpy. Returns the logged model's URI (``models:/m-...``), also stored in the
-    run's tag ``liptune.model_uri``."""
+    as the run's logged model ``"model"``: ``mlflow.pytorch``'s format, answered as a pyfunc by
+    :mod:`liptune.serving` with ``certificate`` (the trial's mode and guaranteed bound), with
+    its signature (a params schema for ``eps``), ``input_example`` (a small batch) and the
+    core's source (:func:`model_code_paths`); its requirements are torch and numpy. Returns the
+    logged model's URI (``models:/m-...``), also stored in the run's tag
+    ``liptune.model_uri``."""
     example = input_example.detach().cpu().numpy()
     model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(input_example.detach().cpu()).numpy()
-    signature = infer_signature(example, output)
     model_id = _new_logged_model(config, run_id, MODEL_NAME)
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     with using_tracking_uri(config.tracking_uri):
         previous_level = pytorch_logger.level
         pytorch_logger.setLevel(logging.ERROR)  # the notice that pickles can run code
         try:
-            info = mlflow.pytorch.log_model(
-                model,
+            info = Model.log(
+                artifact_path=None,
                 name=MODEL_NAME,
+                flavor=_CertifiedPyTorch,
                 run_id=run_id,
                 model_id=model_id,
-                signature=signature,
+                pytorch_model=model,
+                certificate=certificate,
+                signature=certified_signature(example.dtype, certificate),
                 input_example=example,
                 serialization_format="pickle",
                 code_paths=model_code_paths(model),
@@ -469,6 +483,7 @@ def log_model(
                     f"torch=={torch.__version__.split('+')[0]}",
                     f"numpy=={np.__version__}",
                 ],
+                metadata={"liptune.certificate": certificate.to_json()},
             )
         finally:
             pytorch_logger.setLevel(previous_level)
@@ -476,13 +491,48 @@ def log_model(
     return info.model_uri
 
 
+def certified_signature(dtype: np.dtype, certificate: Certificate) -> ModelSignature:
+    """The served model's signature: a batch of inputs in, one row per input out (``label``,
+    ``radius``, ``logits``, and ``certified`` when the request's params give ``eps``)."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(dtype), (-1, *certificate.input_shape))]),
+        outputs=Schema(
+            [
+                ColSpec("long", "label"),
+                ColSpec("double", "radius"),
+                ColSpec(Array("double"), "logits"),
+                ColSpec("boolean", "certified", required=False),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("eps", "double", None)]),
+    )
+
+
+class _CertifiedPyTorch:
+    """The flavor :meth:`mlflow.models.Model.log` saves the trial's model with:
+    ``mlflow.pytorch.save_model``'s folder, with the certificate beside the network and the
+    ``python_function`` flavor loaded by :mod:`liptune.serving` instead of ``mlflow.pytorch``
+    (the ``pytorch`` flavor is untouched)."""
+
+    __name__ = "mlflow.pytorch"
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Model, certificate: Certificate, **kwargs) -> None:
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        certificate.save(Path(path) / pyfunc[mlflow.pyfunc.DATA])
+        pyfunc[mlflow.pyfunc.MAIN] = LOADER_MODULE
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
 @_retrying
 def log_onnx(
     config: TrackingConfig, run_id: str, onnx_path: Path, input_example: torch.Tensor
 ) -> str:
     """The ONNX file as the run's artifact ``model.onnx`` and as the run's ``mlflow.onnx``
-    logged model ``"onnx"`` (signature and ``input_example`` from onnxruntime's outputs).
-    Returns that model's URI."""
+    logged model ``"onnx"`` (signature and ``input_example`` from onnxruntime's outputs, every
+    output of the graph: ``output`` and ``radius``), run with the execution providers this
+    machine's onnxruntime has (:func:`onnx_providers`). Returns that model's URI."""
     if onnx_path.name != ONNX_ARTIFACT:
         raise ValueError(f"name the ONNX file {ONNX_ARTIFACT!r}, got {onnx_path.name!r}")
     config.client.log_artifact(run_id, str(onnx_path))
@@ -491,7 +541,8 @@ def log_onnx(
     example = input_example.detach().cpu().numpy()
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    output = session.run(None, {input_name: example})[0]
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {input_name: example}), strict=True))
     model_id = _new_logged_model(config, run_id, ONNX_MODEL_NAME)
     with using_tracking_uri(config.tracking_uri):
         info = mlflow.onnx.log_model(
@@ -499,15 +550,28 @@ def log_onnx(
             name=ONNX_MODEL_NAME,
             run_id=run_id,
             model_id=model_id,
-            signature=infer_signature(example, output),
+            signature=infer_signature(example, outputs if len(outputs) > 1 else outputs[names[0]]),
             input_example=example,
             save_as_external_data=False,
+            onnx_execution_providers=onnx_providers(),
             pip_requirements=[
                 f"onnxruntime=={onnxruntime.__version__}",
                 f"onnx=={onnx.__version__}",
             ],
         )
     return info.model_uri
+
+
+def onnx_providers() -> list[str]:
+    """MLflow's default ONNX execution providers (CUDA, then CPU) that this machine's
+    onnxruntime has: a CPU machine logs ``["CPUExecutionProvider"]``, so loading the model
+    (which logging does, to check its input example) does not warn that CUDA is missing."""
+    import onnxruntime
+
+    available = set(onnxruntime.get_available_providers())
+    return [p for p in mlflow.onnx.ONNX_EXECUTION_PROVIDERS if p in available] or [
+        "CPUExecutionProvider"
+    ]
 
 
 def _new_logged_model(config: TrackingConfig, run_id: str, name: str) -> str:
@@ -553,7 +617,9 @@ def register_model(
 
     ``model_uri_or_run_id`` is a logged model's URI (``models:/m-...``) or the id of a run whose
     ``liptune.model_uri`` tag names one. Returns ``models:/NAME@ALIAS`` (the first alias) or
-    ``models:/NAME/VERSION``; load it with ``mlflow.pytorch.load_model``.
+    ``models:/NAME/VERSION``: ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` answer
+    each input with its label and certified radius, ``mlflow.pytorch.load_model`` gives the
+    network.
     """
     client = _client(tracking_uri)
     model_uri = model_uri_or_run_id

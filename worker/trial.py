@@ -46,6 +46,7 @@ from torch import nn
 from liptune.attacks import certificate_check, minimal_l2_attack
 from liptune.bounds import head_constants
 from liptune.export import export_onnx, vanilla_export
+from liptune.serving import Certificate
 from worker import tracking
 from worker.datasets import DataSplits, load_dataset
 from worker.evaluation import (
@@ -387,7 +388,12 @@ def _write_run(
         tracking.end_run(config, run_id, "KILLED")
         return
     # The model first: metrics logged after it are linked to it without MLflow re-reading them.
-    result.model_uri = tracking.log_model(config, run_id, result.model, splits.test.x[:2])
+    certificate = Certificate(
+        result.certificate_mode, result.metrics["lipschitz_bound"], splits.input_shape
+    )
+    result.model_uri = tracking.log_model(
+        config, run_id, result.model, splits.test.x[:2], certificate
+    )
     tracking.log_metrics(
         config,
         run_id,
@@ -398,7 +404,10 @@ def _write_run(
     )
     with tempfile.TemporaryDirectory() as folder, _timed(result.timings, "onnx"), _quiet_onnx():
         onnx_path = export_onnx(
-            result.model, Path(folder) / tracking.ONNX_ARTIFACT, splits.input_shape
+            result.model,
+            Path(folder) / tracking.ONNX_ARTIFACT,
+            splits.input_shape,
+            lipschitz=certificate.lipschitz,
         )
         tracking.log_onnx(config, run_id, onnx_path, splits.test.x[:2])
     tracking.log_radii(

@@ -135,10 +135,30 @@ def print_result(result, spec, tracking_uri: str) -> None:
         }
         for key, value in others.items():
             print(f"{key}: {value:.6g}")
+        if result.attack is not None:
+            print(certificate_check_line(result.attack))
     if result.run_id:
         print(f"\nMLflow run: {result.run_id} ({tracking_uri})")
     if result.model_uri:
-        print(f"model: mlflow.pytorch.load_model({result.model_uri!r})")
+        print(f"model: {result.model_uri} (mlflow.pyfunc.load_model: labels and certified radii;")
+        print("       mlflow.pytorch.load_model: the network)")
+
+
+def certificate_check_line(attack) -> str:
+    """The minimal-norm attack check of the certificates in one line, as the API and the trial
+    page give it: points attacked, violations (must be 0), tightness (radius / adversarial
+    distance) median and its p10-p90 spread."""
+    line = f"certificate check: {attack.points} attacked points, {attack.violations} violations"
+    if attack.tightness_median is not None:
+        line += (
+            f", tightness median {attack.tightness_median:.3f} "
+            f"(p10 {attack.tightness_p10:.3f}, p90 {attack.tightness_p90:.3f})"
+        )
+    else:
+        line += ", tightness n/a (no attacked point was broken)"
+    if attack.violations:
+        line += "  <- a certificate was broken: the bound does not hold"
+    return line
 
 
 def execute(spec, args: argparse.Namespace) -> int:
