@@ -23,6 +23,7 @@ from service.problems import field_error, invalid_input
 from worker.costs import study_cost
 from worker.datasets import DatasetDescription, DatasetError, describe_dataset
 from worker.datasets.locate import resolved_roots
+from worker.losses import LOSSES
 from worker.models import check_model
 from worker.spec import DatasetSpec, PluginModelSpec, StudySpec
 
@@ -133,6 +134,29 @@ def _data_errors(
             check_model(spec.model, description.input_shape, description.num_classes)
         except ValueError as error:
             errors.append(field_error("body.model", str(error)))
+    return errors + _task_errors(spec, description)
+
+
+def _task_errors(spec: StudySpec, description: DatasetDescription) -> list[dict[str, str]]:
+    """Loss families (searched or in a baseline) without a variant for the data's task: the
+    worker's ``build_loss`` would fail each such trial."""
+    task = description.task
+    usable = sorted(name for name, info in LOSSES.items() if task in info.tasks)
+    reason = (
+        "loss family {family!r} has no {task} variant, and the data set "
+        f"({description.num_classes} classes) makes a {task} task; use one of {usable}"
+    )
+    errors = [
+        field_error("body.search_space.loss", reason.format(family=family, task=task))
+        for family in spec.search_space.families
+        if task not in LOSSES[family].tasks
+    ]
+    for index, baseline in enumerate(spec.baselines):
+        family = baseline.get("loss")
+        if family in LOSSES and task not in LOSSES[family].tasks:
+            errors.append(
+                field_error(f"body.baselines.{index}", reason.format(family=family, task=task))
+            )
     return errors
 
 
