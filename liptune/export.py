@@ -4,6 +4,9 @@ r"""Export a model built from :mod:`liptune.nn` to plain PyTorch and ONNX, and b
   ``nn.Conv2d`` holding its constrained weight (an SLL layer by
   :class:`~liptune.nn.SLLResidual`, plain ``nn.Conv2d`` and ``nn.ConvTranspose2d``): same
   outputs, no parametrisation, picklable.
+- :func:`vanilla_export_at` does the same for a loss-conditioned network
+  (:class:`~liptune.nn.ConditionedSequential`) at one fixed condition, each FiLM layer folded
+  into the layer before it: a plain network of the usual kind.
 - :func:`export_onnx` writes that plain model as ONNX with the direct writer of
   :mod:`liptune.onnx` (milliseconds), or with :func:`torch.onnx.export` for modules the
   writer does not know (seconds).
@@ -22,9 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from liptune.nn.conditioning import ConditionedSequential, FiLM
+from liptune.nn.containers import LipschitzSequential
 from liptune.nn.sll import SLLConv2d
 
-__all__ = ["export_onnx", "lipschitz_upper_bound", "vanilla_export"]
+__all__ = ["export_onnx", "lipschitz_upper_bound", "vanilla_export", "vanilla_export_at"]
 
 
 def _plain_layer(layer: nn.Module) -> nn.Module:
@@ -86,6 +91,52 @@ def vanilla_export(model: nn.Module) -> nn.Module:
     exported = copy.deepcopy(model).eval()
     with torch.no_grad():
         exported = _devolve(exported)
+    return exported.eval()
+
+
+def _fold(layer: nn.Module, gamma: Tensor, beta: Tensor) -> None:
+    r"""Fold :math:`z \mapsto \gamma z + \beta` into the plain ``layer`` before it, in place:
+    output channel ``c``'s weights times :math:`\gamma_c`, bias :math:`\gamma_c b_c + \beta_c`
+    (a layer without bias gets one)."""
+    weight = layer.weight
+    gamma, beta = gamma.to(weight), beta.to(weight)
+    layer.weight.mul_(gamma.reshape(-1, *([1] * (weight.dim() - 1))))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(beta.clone())
+    else:
+        layer.bias.mul_(gamma).add_(beta)
+
+
+def vanilla_export_at(model: ConditionedSequential, condition: Tensor) -> LipschitzSequential:
+    r"""A plain :class:`~liptune.nn.LipschitzSequential` computing ``model(x, condition)``.
+
+    ``condition`` is one condition ``(k,)``. Each :class:`~liptune.nn.FiLM` layer's
+    :math:`\gamma(t)` and :math:`\beta(t)` are folded into the ``nn.Linear``/``nn.Conv2d`` just
+    before it (rows scaled by :math:`\gamma`, bias :math:`\gamma b + \beta`), and the FiLM layer
+    is dropped; every other layer is exported as by :func:`vanilla_export`. The result has the
+    model's ``certificate_mode``; :func:`liptune.bounds.lipschitz_bound`,
+    :func:`~liptune.bounds.head_bound` and :func:`export_onnx` take it as any exported trial.
+    """
+    if not isinstance(model, ConditionedSequential):
+        raise TypeError(
+            f"vanilla_export_at expects a ConditionedSequential, got {type(model).__name__}"
+        )
+    condition = torch.as_tensor(condition)
+    if condition.dim() != 1 or condition.numel() != model.condition_features:
+        raise ValueError(
+            f"one condition of shape ({model.condition_features},) is needed, got "
+            f"{tuple(condition.shape)}"
+        )
+    modules: list[nn.Module] = []
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, FiLM):
+                parameter = next(module.parameters())
+                gamma, beta = module.modulation(condition.to(parameter))
+                _fold(modules[-1], gamma, beta)
+                continue
+            modules.append(_devolve(copy.deepcopy(module).eval()))
+    exported = LipschitzSequential(*modules, certificate_mode=model.certificate_mode)
     return exported.eval()
 
 

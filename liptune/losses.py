@@ -385,18 +385,35 @@ class TauCrossEntropyLoss(_Loss):
     r"""Cross-entropy with a temperature: ``CE(temperature * logits, y) / temperature``.
 
     Args:
-        temperature: tau > 0; small values favour accuracy, large values approach a multiclass
-            hinge on the top-two logit gap (more robustness).
+        temperature: tau > 0; large values approach a multiclass hinge on the top-two logit gap
+            with no margin (accuracy), small values keep pushing the gap up (robustness).
+
+    ``forward(outputs, target, temperature=None)``: a ``temperature`` given there, a positive
+    tensor ``(N,)`` (one per example, e.g. a loss-conditioned network's training, each example
+    at its own temperature) or a number, replaces the module's for that call.
     """
 
     def __init__(self, temperature: float = 1.0, reduction: Reduction = "mean") -> None:
         super().__init__(reduction)
         self.temperature = _positive_finite("temperature", temperature)
 
-    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self, outputs: Tensor, target: Tensor, temperature: Tensor | float | None = None
+    ) -> Tensor:
         classes = multiclass_mask(outputs, target).int().argmax(dim=1)
-        loss = F.cross_entropy(self.temperature * outputs, classes, reduction="none")
-        return self._reduce(loss / self.temperature)
+        tau = self.temperature if temperature is None else temperature
+        if isinstance(tau, Tensor):
+            if tau.dim() > 1 or tau.numel() not in (1, outputs.shape[0]):
+                raise ValueError(
+                    f"temperature must be a number or (N,) with N = {outputs.shape[0]}, got "
+                    f"{tuple(tau.shape)}"
+                )
+            tau = tau.to(outputs.dtype).reshape(-1)
+            loss = F.cross_entropy(tau[:, None] * outputs, classes, reduction="none")
+        else:
+            tau = _positive_finite("temperature", float(tau))
+            loss = F.cross_entropy(tau * outputs, classes, reduction="none")
+        return self._reduce(loss / tau)
 
 
 class CosineSimilarityLoss(_Loss):

@@ -1,7 +1,15 @@
-"""1-Lipschitz building blocks: constrained layers, GNP activations, pooling, merges."""
+"""1-Lipschitz building blocks: constrained layers, GNP activations, pooling, merges, and the
+FiLM layers of loss-conditioned networks."""
 
 from liptune.nn.activations import FullSort, GroupSort, GroupSort2, HouseHolder, MaxMin
 from liptune.nn.aol import AOLConv2d, AOLRescaled, aol_scales
+from liptune.nn.conditioning import (
+    ConditionedSequential,
+    FiLM,
+    FixedCondition,
+    LogRange,
+    conditioned,
+)
 from liptune.nn.containers import CERTIFICATE_MODES, LipschitzSequential, infer_certificate_mode
 from liptune.nn.conv import SpectralConv2d
 from liptune.nn.linear import FrobeniusLinear, OrthoLinear, SpectralLinear
@@ -31,6 +39,9 @@ __all__ = [
     "BjorckSpectral",
     "BlockOrthogonal",
     "CachedParametrization",
+    "ConditionedSequential",
+    "FiLM",
+    "FixedCondition",
     "FrobeniusLinear",
     "FrobeniusNormalized",
     "FullSort",
@@ -40,6 +51,7 @@ __all__ = [
     "InvertibleDownSampling",
     "LipschitzResidual",
     "LipschitzSequential",
+    "LogRange",
     "MaxMin",
     "OrthoLinear",
     "QROrthogonal",
@@ -56,6 +68,7 @@ __all__ = [
     "aol_scales",
     "bjorck_orthonormalize",
     "compose_kernels",
+    "conditioned",
     "infer_certificate_mode",
     "sll_gram_row_sums",
 ]
