@@ -248,7 +248,9 @@ class FixedCondition(nn.Module):
 
     def __init__(self, network: ConditionedSequential, condition: Tensor) -> None:
         super().__init__()
-        condition = torch.as_tensor(condition, dtype=torch.get_default_dtype()).reshape(-1)
+        condition = torch.as_tensor(condition).reshape(-1)
+        if not condition.is_floating_point():
+            condition = condition.to(torch.get_default_dtype())
         if condition.numel() != network.condition_features:
             raise ValueError(
                 f"the condition must have {network.condition_features} values, got "
