@@ -138,6 +138,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scale", choices=("sigmoid", "tanh", "none"), default="sigmoid")
     parser.add_argument("--hidden", type=int, default=32, help="condition network width")
+    parser.add_argument(
+        "--multipliers",
+        type=int,
+        nargs="+",
+        default=list(MULTIPLIERS),
+        help="conditioned trainings, in multiples of one trial's epochs",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -151,7 +158,7 @@ def main() -> None:
         for eps in EPS:
             entry[f"hv_fixed_{eps:g}"] = hypervolume([point(m, eps) for m in fixed.values()])
         print(f"seed {seed}: fixed 8 x {trial_epochs} epochs, {fixed_seconds:.1f} s", flush=True)
-        for multiplier in MULTIPLIERS:
+        for multiplier in args.multipliers:
             network, splits, seconds = train_conditioned(
                 task, seed, multiplier * trial_epochs, args.scale, args.hidden
             )
@@ -169,7 +176,7 @@ def main() -> None:
             result["gap_accuracy"] = gaps(fixed, cond, "accuracy")
             result["gap_certified_0.3"] = gaps(fixed, cond, "certified_accuracy_eps_0.3")
             result["gap_certified_0.5"] = gaps(fixed, cond, "certified_accuracy_eps_0.5")
-            if multiplier == MULTIPLIERS[-1]:
+            if multiplier == args.multipliers[-1]:
                 tightness = {}
                 for t in TIGHTNESS_TEMPERATURES:
                     exported = at(network, t)
@@ -193,12 +200,12 @@ def main() -> None:
                 flush=True,
             )
         report["seeds"].append(entry)
-    summarise(report)
+    summarise(report, args.multipliers)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=1))
 
 
-def summarise(report: dict) -> None:
+def summarise(report: dict, multipliers: list[int]) -> None:
     seeds = report["seeds"]
     print("\n| network | epochs | HV@0.3 | HV@0.5 | HV@1.0 | HV@0.3, 33 temps | HV@0.5, 33 temps |")
     print("|---|---|---|---|---|---|---|")
@@ -211,7 +218,7 @@ def summarise(report: dict) -> None:
         + " | ".join(med([s[f"hv_fixed_{e:g}"] for s in seeds]) for e in EPS)
         + " | | |"
     )
-    for multiplier in MULTIPLIERS:
+    for multiplier in multipliers:
         runs = [s["conditioned"][str(multiplier)] for s in seeds]
         print(
             f"| conditioned {multiplier}x | {runs[0]['epochs']} | "
@@ -220,18 +227,18 @@ def summarise(report: dict) -> None:
             + f"{med([r['hv_dense_0.5'] for r in runs])} |"
         )
     print("\nper-temperature gap, conditioned minus fixed (points), median / worst over seeds")
-    print("| temperature | " + " | ".join(f"{m}x acc | {m}x cert@0.3" for m in MULTIPLIERS) + " |")
-    print("|---" * (1 + 2 * len(MULTIPLIERS)) + "|")
+    print("| temperature | " + " | ".join(f"{m}x acc | {m}x cert@0.3" for m in multipliers) + " |")
+    print("|---" * (1 + 2 * len(multipliers)) + "|")
     for i, t in enumerate(TEMPERATURES):
         cells = []
-        for multiplier in MULTIPLIERS:
+        for multiplier in multipliers:
             for key in ("gap_accuracy", "gap_certified_0.3"):
                 values = [100 * s["conditioned"][str(multiplier)][key][i] for s in seeds]
                 cells.append(f"{statistics.median(values):+.1f} / {min(values):+.1f}")
         print(f"| {t:g} | " + " | ".join(cells) + " |")
-    print("\ncertificate tightness of the 4x network (radius / attack distance)")
+    print(f"\ncertificate tightness of the {multipliers[-1]}x network (radius / attack distance)")
     for s in seeds:
-        tight = s["conditioned"][str(MULTIPLIERS[-1])]["tightness"]
+        tight = s["conditioned"][str(multipliers[-1])]["tightness"]
         print(f"seed {s['seed']}: " + json.dumps(tight))
 
 
