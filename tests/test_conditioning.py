@@ -137,8 +137,9 @@ def zoo(spec, seed: int) -> tuple[ConditionedSequential, nn.Module]:
         MLPSpec(widths=[16, 16]),
         ConvNetSpec(channels=[4, 8], dense_widths=[16]),
         ConvNetSpec(channels=[4], dense_widths=[8], conv="aol", head="classwise"),
+        ConvNetSpec(channels=[4], dense_widths=[8], conv="bcop", convs_per_stage=2),
     ],
-    ids=["mlp", "convnet", "convnet-aol-classwise"],
+    ids=["mlp", "convnet", "convnet-aol-classwise", "convnet-bcop"],
 )
 @pytest.mark.parametrize("seed", range(3))
 def test_zoo_networks_conditioned_after_each_constrained_layer(spec, seed):
