@@ -113,6 +113,8 @@ def test_model_registry_matches_the_spec_classes():
         ("soft_hkr", "multiclass", losses.MulticlassSoftHKRLoss),
         ("tau_ce", "binary", losses.TauBCEWithLogitsLoss),
         ("tau_ce", "multiclass", losses.TauCrossEntropyLoss),
+        ("offset_ce", "binary", losses.OffsetBCEWithLogitsLoss),
+        ("offset_ce", "multiclass", losses.OffsetCrossEntropyLoss),
         ("hinge", "binary", losses.HingeMarginLoss),
         ("hinge", "multiclass", losses.MulticlassHingeLoss),
         ("kr", "binary", losses.KRLoss),
@@ -129,6 +131,8 @@ def test_build_loss_passes_the_spec_values_and_defaults():
     assert loss.margin == 0.3 and loss.hinge_weight == 1.0
     assert loss.temperature == LOSSES["soft_hkr"].params["temperature"].default
     assert build_loss(LossSpec(family="tau_ce", temperature=4.0), "binary").temperature == 4.0
+    offset = build_loss(LossSpec(family="offset_ce", margin=0.7, temperature=4.0), "multiclass")
+    assert (offset.margin, offset.temperature) == (0.7, 4.0)
 
 
 @pytest.mark.parametrize("family", ["soft_hkr", "cosine"])

@@ -7,8 +7,10 @@ sampler and each trial's :class:`TrialSpec` from it, and ``liptune train`` reads
 named from registries.
 
 Conventions of the field (see DESIGN.md): ``alpha_kr`` is the guideline's weight of the hinge term
-against the KR term (``inf`` = hinge only), the HKR hinge uses ``relu(margin/2 - y f(x))``, and
-tau-cross-entropy is ``CE(temperature * logits, y) / temperature``.
+against the KR term (``inf`` = hinge only), the HKR hinge uses ``relu(margin/2 - y f(x))``,
+tau-cross-entropy is ``CE(temperature * logits, y) / temperature``, and offset cross-entropy is
+``CE(temperature * (logits - margin * onehot(y)), y) / temperature`` (papers' divisor T = 1 /
+temperature).
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ _POOLING_DESCRIPTION = (
     "(average times 2), `invertible` (space-to-depth, 4x the channels: orthogonal, so it keeps "
     "the gradient norm the certificates need; see benchmarks/README.md, convolution families)."
 )
-LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "hinge", "kr", "cosine")
+LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "offset_ce", "hinge", "kr", "cosine")
 #: The hyper-parameters each loss family reads; the search space only suggests these.
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
     "hkr": ("margin", "alpha_kr"),
     "soft_hkr": ("margin", "alpha_kr", "temperature"),
     "tau_ce": ("temperature",),
+    "offset_ce": ("margin", "temperature"),
     "hinge": ("margin",),
     "kr": (),
     "cosine": (),
