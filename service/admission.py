@@ -4,9 +4,9 @@ The schema (:class:`worker.spec.StudySpec`) checks a spec on its own; this modul
 against the server: its limits (trials, epochs, model size and training memory from
 :func:`worker.costs.study_cost`), its data roots (``dataset.path`` must stay inside them,
 through ``..`` or symlinks alike), the data set's classes and input shape (the architecture
-must fit it), and the training devices the workers have. :func:`check_study` raises a 422
-problem listing every field that fails; reasons name the field and the figure, never a server
-path.
+must fit it, and augmentation needs images), and the training devices the workers have.
+:func:`check_study` raises a 422 problem listing every field that fails; reasons name the field
+and the figure, never a server path.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from service.config import Settings
 from service.problems import field_error, invalid_input
+from worker.augment import augmentation_error
 from worker.costs import study_cost
 from worker.datasets.locate import resolved_roots
 from worker.datasets.registry import dataset_info
@@ -79,6 +80,9 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
                 f"0..{info.num_classes - 1}",
             )
         )
+    augment_error = augmentation_error(spec.training.augment, info.input_shape)
+    if augment_error is not None:
+        errors.append(field_error("body.training.augment", augment_error))
     device = spec.training.device
     devices = settings.devices if settings.devices is not None else local_devices()
     if device not in ("auto", "cpu", *devices):

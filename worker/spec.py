@@ -185,6 +185,29 @@ ModelSpec = Annotated[MLPSpec | ConvNetSpec | ResNetSpec, Field(discriminator="n
 Precision = Literal["float32", "tf32", "bf16"]
 
 
+class AugmentSpec(_Spec):
+    """Training augmentation of image batches (see :mod:`worker.augment`): drawn per batch on
+    the trial's device; validation, test, certificates and every metric use the unaugmented
+    images. Only for image data (inputs shaped (C, H, W))."""
+
+    random_crop: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Pad each side with this many zero pixels and crop back to the image size "
+        "at a random offset per image (CIFAR-10's recipe: 4); 0: no crop. Below the image's "
+        "height and width.",
+    )
+    horizontal_flip: bool = Field(
+        default=False, description="Flip each image left-right with probability 1/2."
+    )
+
+    @property
+    def active(self) -> bool:
+        """Whether this changes any image."""
+        return self.random_crop > 0 or self.horizontal_flip
+
+
 class TrainingSpec(_Spec):
     epochs: int = Field(default=10, ge=1, le=10_000)
     batch_size: int = Field(default=128, ge=1, le=65_536)
@@ -202,6 +225,12 @@ class TrainingSpec(_Spec):
         description="Training steps' arithmetic: `float32`, `tf32` (CUDA matmuls and "
         "convolutions) or `bf16` (autocast forward passes). Validation, export, bounds and "
         "certificates always run in float32 or float64.",
+    )
+    augment: AugmentSpec | None = Field(
+        default=None,
+        description="Training augmentation of image batches, e.g. "
+        '{"random_crop": 4, "horizontal_flip": true}; off by default. Refused for data that are '
+        "not images.",
     )
 
     @field_validator("lr")
