@@ -46,9 +46,10 @@ _CONV_DESCRIPTION = (
     "`bcop` (BCOPConv2d, exactly orthogonal block convolutions)."
 )
 _POOLING_DESCRIPTION = (
-    "Downsampling after each stage, halving H and W: `l2` (L2 norm of each 2x2 window), `avg` "
-    "(average times 2), `invertible` (space-to-depth, 4x the channels: orthogonal, so it keeps "
-    "the gradient norm the certificates need; see benchmarks/README.md, convolution families)."
+    "Downsampling after each stage, halving H and W: `invertible` (the default: space-to-depth, "
+    "4x the channels: orthogonal, so it keeps the gradient norm the certificates need; measured "
+    "in benchmarks/README.md, convolution families), `l2` (L2 norm of each 2x2 window), `avg` "
+    "(average times 2)."
 )
 LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "offset_ce", "hinge", "kr", "cosine")
 #: The hyper-parameters each loss family reads; the search space only suggests these.
@@ -151,7 +152,7 @@ class ConvNetSpec(_ModelBase):
     kernel_size: int = Field(default=3, ge=1, le=11)
     conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
     pooling: Literal["l2", "avg", "invertible"] = Field(
-        default="l2", description=_POOLING_DESCRIPTION
+        default="invertible", description=_POOLING_DESCRIPTION
     )
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
@@ -171,7 +172,7 @@ class ResNetSpec(_ModelBase):
     kernel_size: int = Field(default=3, ge=1, le=11)
     conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
     pooling: Literal["l2", "avg", "invertible"] = Field(
-        default="l2", description=_POOLING_DESCRIPTION
+        default="invertible", description=_POOLING_DESCRIPTION
     )
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
