@@ -4,7 +4,8 @@
 #   1. the core's tests with CUDA as torch's default device (layers, losses, certificates,
 #      export, bounds), and the training loop's own tests;
 #   2. one training epoch under torch.cuda.set_sync_debug_mode("warn"), counting the host
-#      synchronisations (expected: one per divergence check, none per step);
+#      synchronisations (expected: one per divergence check, none per step), with offset
+#      cross-entropy and the training augmentation (crops and flips drawn on the GPU);
 #   3. a real `liptune serve` (API only) with a `liptune worker --trials-per-device 4` on the
 #      GPU beside it: one Fashion-MNIST trial, then a 4-trial study, through the REST API;
 #   4. the field's standard task: one CIFAR-10 trial (32x32x3) with offset cross-entropy and
@@ -114,6 +115,7 @@ sync_count() {
     .venv/bin/python - "$DEVICE" <<'EOF'
 import math, sys, warnings
 import torch
+from worker.augment import build_augmentation
 from worker.datasets import load_dataset
 from worker.losses import build_loss
 from worker.models import build_model
@@ -124,20 +126,24 @@ device = torch.device(sys.argv[1])
 spec = TrialSpec.model_validate({
     "name": "sync", "dataset": {"name": "digits"},
     "model": {"name": "convnet", "channels": [16], "dense_widths": [32]},
-    "training": {"batch_size": 32}, "loss": {"family": "hkr", "alpha_kr": 50, "margin": 0.5}})
+    "training": {"batch_size": 32, "augment": {"random_crop": 2, "horizontal_flip": True}},
+    "loss": {"family": "offset_ce", "margin": 0.5, "temperature": 4.0}})
 splits = load_dataset(spec.dataset, data_roots=[], seed=0)
 model = build_model(spec.model, splits.input_shape, splits.num_classes).to(device)
 loss_fn = build_loss(spec.loss, splits.task)
 optimizer = make_optimizer(model, spec.training)
 train = splits.train.to(device)
 generator = torch.Generator(device=device).manual_seed(0)
-train_epoch(model, loss_fn, optimizer, train, 32, generator, 1, check_every=10)  # warm-up
+augment = build_augmentation(spec.training.augment, splits.input_shape)
+train_epoch(model, loss_fn, optimizer, train, 32, generator, 1, check_every=10,
+            augment=augment)  # warm-up
 steps = math.ceil(len(train) / 32)
 torch.cuda.synchronize()
 torch.cuda.set_sync_debug_mode("warn")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    train_epoch(model, loss_fn, optimizer, train, 32, generator, 2, check_every=10)
+    train_epoch(model, loss_fn, optimizer, train, 32, generator, 2, check_every=10,
+                augment=augment)
 torch.cuda.set_sync_debug_mode(0)
 syncs = [w for w in caught if "synchroniz" in str(w.message)]
 for w in syncs[:20]:
