@@ -280,6 +280,26 @@ def test_the_offset_walk_takes_the_best_temperature_of_the_completed_trials() ->
     assert [p["margin"] for p in offsets] == [p["margin"] for p in sampler.points[len(walk) :]]
 
 
+def test_the_best_temperature_comes_from_a_feasible_trial_of_the_walk() -> None:
+    sampler = GuidedSampler([], optuna.samplers.RandomSampler(seed=0), rank=(1, 1.0))
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for temperature, margin, values, violation in [
+        (30.0, 0.1, [0.9, 0.9], 0.5),  # the best value, but a requirement is missed
+        (3.0, 0.1, [0.9, 0.7], 0.0),
+        (10.0, 0.1, [0.9, 0.6], -1.0),
+        (1.0, 0.5, [0.9, 0.95], 0.0),  # another offset: not on the walk
+    ]:
+        trial = study.ask()
+        trial.suggest_float("margin", 0.01, 5.0)
+        trial.set_user_attr(
+            "liptune.params", {"loss": "offset_ce", "margin": margin, "temperature": temperature}
+        )
+        trial.set_constraint("certified_accuracy_eps_0.1", violation)
+        study.tell(trial, values)
+    choice = BestOf("temperature", (("loss", "offset_ce"), ("margin", 0.1)), 100.0)
+    assert sampler.best(study, choice) == 3.0
+
+
 def test_without_an_eps_the_guided_ladders_start_at_their_middle() -> None:
     spec = _anchored([{"metric": "accuracy"}, {"metric": "mean_certified_radius"}])
     assert eps_anchors(spec) == {}

@@ -400,8 +400,8 @@ class GuidedSampler(optuna.samplers.BaseSampler):
                 continue
             if any(params.get(name) != wanted for name, wanted in choice.among):
                 continue
-            constraints = trial.system_attrs.get("constraints") or ()
-            key = (all(c <= 0 for c in constraints), sign * trial.values[index], -trial.number)
+            feasible = all(value <= 0 for value in trial.constraints.values())
+            key = (feasible, sign * trial.values[index], -trial.number)
             if best_key is None or key > best_key:
                 best_key, value = key, float(params[choice.param])
         return value
