@@ -257,7 +257,7 @@ def test_offset_cross_entropy_matches_orthogonium(margin, paper_temperature, cla
 )
 def test_offset_cross_entropy_is_tau_ce_of_the_offset_logits(seed, n, classes, margin, temperature):
     outputs, labels = multiclass_batch(seed, n, classes)
-    shifted = outputs - margin * F.one_hot(labels, classes)
+    shifted = outputs - margin * F.one_hot(labels, classes).double()
     ours = losses.OffsetCrossEntropyLoss(margin, temperature, reduction="none")(outputs, labels)
     tau_ce = losses.TauCrossEntropyLoss(temperature, reduction="none")(shifted, labels)
     torch.testing.assert_close(ours, tau_ce)
