@@ -24,6 +24,7 @@ FAMILY_COLORS: dict[str, str] = {
     "hkr": "#0072B2",
     "soft_hkr": "#CC79A7",
     "tau_ce": "#E69F00",
+    "offset_ce": "#B8A000",  # Okabe-Ito yellow, darkened to read on white
     "hinge": "#009E73",
     "kr": "#D55E00",
     "cosine": "#56B4E9",

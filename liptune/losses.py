@@ -22,7 +22,13 @@ Conventions of the field (DESIGN.md):
 * The hinge is ``relu(margin / 2 - y f(x))`` with y in {-1, +1}.
 * The KR losses are minimised: they return the *negative* Kantorovich-Rubinstein estimate of the
   Wasserstein-1 distance between the classes, ``-(E[f(x) | y = +1] - E[f(x) | y = -1])``.
-* tau-cross-entropy is ``CE(temperature * logits, y) / temperature``.
+* tau-cross-entropy is ``CE(temperature * logits, y) / temperature``: large temperatures favour
+  accuracy, small ones robustness (the softmax keeps pushing a logit gap until ``temperature *
+  gap`` is past about 1, so the margins it asks for scale as ``1 / temperature``).
+* offset cross-entropy is ``CE(temperature * (logits - margin * onehot(y)), y) / temperature``
+  (binary: ``softplus(-temperature * (y f(x) - margin)) / temperature``). Papers and orthogonium's
+  ``LossXent(offset, temperature)`` write the temperature as a divisor T: ``T * CE((logits -
+  offset * onehot(y)) / T, y)``, so ``margin = offset`` and ``temperature = 1 / T``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ __all__ = [
     "MulticlassHingeLoss",
     "MulticlassKRLoss",
     "MulticlassSoftHKRLoss",
+    "OffsetBCEWithLogitsLoss",
+    "OffsetCrossEntropyLoss",
     "TauBCEWithLogitsLoss",
     "TauCrossEntropyLoss",
 ]
@@ -268,6 +276,38 @@ class TauBCEWithLogitsLoss(_Loss):
         return self._reduce(loss / self.temperature)
 
 
+class OffsetBCEWithLogitsLoss(_Loss):
+    r"""Binary offset cross-entropy, the binary twin of :class:`OffsetCrossEntropyLoss`:
+
+    .. math:: \ell = \frac{1}{\tau}\,\mathrm{softplus}\left(-\tau\,(y f(x) - m)\right)
+
+    with y in {-1, +1}: the logistic loss of the signed output shifted by the margin m. As
+    :math:`\tau` grows it tends to the hinge ``relu(m - y f(x))`` (from above, by at most
+    :math:`\log 2 / \tau`); small :math:`\tau` keep pushing ``y f(x)`` past m (robustness),
+    large ones stop near m (accuracy). Unlike the HKR hinge, the full margin m is asked of
+    ``y f(x)``, so m is the certified radius a point at the margin gets.
+
+    Temperature convention: papers (and orthogonium's ``LossXent``) divide by a temperature T;
+    ``temperature = 1 / T``.
+
+    Args:
+        margin: m > 0, the offset asked of ``y f(x)``.
+        temperature: tau > 0, the inverse of the papers' T.
+    """
+
+    def __init__(
+        self, margin: float = 1.0, temperature: float = 1.0, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(reduction)
+        self.margin = _positive_finite("margin", margin)
+        self.temperature = _positive_finite("temperature", temperature)
+
+    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+        f, signs = binary_signs(outputs, target)
+        loss = F.softplus(-self.temperature * (signs * f - self.margin))
+        return self._reduce(loss / self.temperature)
+
+
 # --------------------------------------------------------------------------- multiclass
 
 
@@ -384,9 +424,13 @@ class MulticlassSoftHKRLoss(_Loss):
 class TauCrossEntropyLoss(_Loss):
     r"""Cross-entropy with a temperature: ``CE(temperature * logits, y) / temperature``.
 
+    The loss keeps pushing the gap between the true logit and the others until ``temperature *
+    gap`` is past about 1, so the margins it asks for scale as ``1 / temperature``.
+
     Args:
-        temperature: tau > 0; large values approach a multiclass hinge on the top-two logit gap
-            with no margin (accuracy), small values keep pushing the gap up (robustness).
+        temperature: tau > 0; large values favour accuracy (the loss tends to the hinge
+            ``relu(max_{j != y} f_j - f_y)``, which stops at a zero gap), small values
+            robustness (larger margins, at some cost in accuracy).
 
     ``forward(outputs, target, temperature=None)``: a ``temperature`` given there, a positive
     tensor ``(N,)`` (one per example, e.g. a loss-conditioned network's training, each example
@@ -414,6 +458,45 @@ class TauCrossEntropyLoss(_Loss):
             tau = _positive_finite("temperature", float(tau))
             loss = F.cross_entropy(tau * outputs, classes, reduction="none")
         return self._reduce(loss / tau)
+
+
+class OffsetCrossEntropyLoss(_Loss):
+    r"""Offset cross-entropy: the tau-cross-entropy of the logits with the true one lowered by
+    a margin m,
+
+    .. math:: \ell = \frac{1}{\tau}\,\mathrm{CE}\left(\tau\,(f(x) - m\,e_y),\, y\right)
+
+    (:math:`e_y` the one-hot vector of the true class). It asks for a gap of m between the true
+    logit and the others, as a smooth hinge: as :math:`\tau` grows it tends to
+    ``relu(m - (f_y - max_{j != y} f_j))``; small :math:`\tau` keep pushing the gap past m
+    (robustness), large ones stop near m (accuracy). A gap m certifies a radius ``m / sqrt(2)``
+    for a global head and ``m / 2`` for a classwise one. With two classes it is
+    :class:`OffsetBCEWithLogitsLoss` of ``f_1 - f_0``.
+
+    Temperature convention: papers and orthogonium's ``LossXent(n_classes, offset,
+    temperature)`` compute ``T * CE((f(x) - offset * e_y) / T, y)`` with a divisor T; this is the
+    same loss with ``margin = offset`` and ``temperature = 1 / T`` (orthogonium's default
+    ``offset = 2.12132, temperature = 0.25`` is ``margin = 2.12132, temperature = 4``).
+
+    Args:
+        margin: m > 0, the logit gap asked of the true class.
+        temperature: tau > 0, the inverse of the papers' T.
+    """
+
+    def __init__(
+        self, margin: float = 1.0, temperature: float = 1.0, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(reduction)
+        self.margin = _positive_finite("margin", margin)
+        self.temperature = _positive_finite("temperature", temperature)
+
+    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+        mask = multiclass_mask(outputs, target)
+        shifted = outputs - self.margin * mask.to(outputs.dtype)
+        loss = F.cross_entropy(
+            self.temperature * shifted, mask.int().argmax(dim=1), reduction="none"
+        )
+        return self._reduce(loss / self.temperature)
 
 
 class CosineSimilarityLoss(_Loss):

@@ -4,17 +4,24 @@
 #   1. the core's tests with CUDA as torch's default device (layers, losses, certificates,
 #      export, bounds), and the training loop's own tests;
 #   2. one training epoch under torch.cuda.set_sync_debug_mode("warn"), counting the host
-#      synchronisations (expected: one per divergence check, none per step);
+#      synchronisations (expected: one per divergence check, none per step), with offset
+#      cross-entropy and the training augmentation (crops and flips drawn on the GPU);
 #   3. a real `liptune serve` (API only) with a `liptune worker --trials-per-device 4` on the
 #      GPU beside it: one Fashion-MNIST trial, then a 4-trial study, through the REST API;
-#   4. benchmarks/gpu_throughput.py (1, 2, 4, 8 concurrent reference trials) and
+#   4. the field's standard task: one CIFAR-10 trial (32x32x3) with offset cross-entropy and
+#      augmentation (random crops and flips) through `liptune train`, on the CIFAR-10 python
+#      batches under a data root when present (cifar-10-batches-py or cifar10 under
+#      $DATA/datasets or /usr/share/datasets), else on a generated set of that shape written as
+#      CIFAR-10 batches;
+#   5. benchmarks/gpu_throughput.py (1, 2, 4, 8 concurrent reference trials) and
 #      benchmarks/core_speed.py --device cuda.
 # Results go to $OUT (default /tmp/liptune-gpu-check): logs, JUnit XML, JSON figures, summary.txt.
 #
 #   scripts/gpu-check.sh                 # on a GPU machine
 #   DEVICE=cpu scripts/gpu-check.sh      # the same steps on the CPU, with smaller settings
 #
-# DEVICE=cpu shrinks: the Fashion-MNIST subsample (5,000 examples, 1 epoch), the throughput
+# DEVICE=cpu shrinks: the Fashion-MNIST subsample (5,000 examples, 1 epoch), the CIFAR-10 trial
+# (1,000 training images, 1 epoch, a smaller conv net; a generated set of 1,200), the throughput
 # rounds (1, 2 trials of 1 epoch on 2,000 examples), core_speed --quick; it skips the sync-debug
 # count (a CUDA-only mode) and the training tests (the ordinary test run has them).
 set -uo pipefail
@@ -44,9 +51,13 @@ step() { # step NAME COMMAND...: run, log to $OUT/NAME.log, record pass/fail and
 if [ "$DEVICE" = cpu ]; then
     N_SAMPLES=5000 EPOCHS=1 THROUGHPUT=(--concurrency 1,2 --epochs 1 --n-samples 2000)
     CORE_SPEED=(--quick)
+    CIFAR_SAMPLES=1000 CIFAR_EPOCHS=1 CIFAR_CHANNELS="[8, 16]" CIFAR_DENSE="[32]"
+    CIFAR_GENERATED=(1000 200)
 else
     N_SAMPLES=null EPOCHS=2 THROUGHPUT=(--concurrency 1,2,4,8 --epochs 2)
     CORE_SPEED=(--threads 1 --repeats 40)
+    CIFAR_SAMPLES=null CIFAR_EPOCHS=${CIFAR_EPOCHS:-5} CIFAR_CHANNELS="[32, 64, 128]"
+    CIFAR_DENSE="[256]" CIFAR_GENERATED=(50000 10000)
 fi
 
 # ------------------------------------------------------------------ install
@@ -104,6 +115,7 @@ sync_count() {
     .venv/bin/python - "$DEVICE" <<'EOF'
 import math, sys, warnings
 import torch
+from worker.augment import build_augmentation
 from worker.datasets import load_dataset
 from worker.losses import build_loss
 from worker.models import build_model
@@ -114,20 +126,24 @@ device = torch.device(sys.argv[1])
 spec = TrialSpec.model_validate({
     "name": "sync", "dataset": {"name": "digits"},
     "model": {"name": "convnet", "channels": [16], "dense_widths": [32]},
-    "training": {"batch_size": 32}, "loss": {"family": "hkr", "alpha_kr": 50, "margin": 0.5}})
+    "training": {"batch_size": 32, "augment": {"random_crop": 2, "horizontal_flip": True}},
+    "loss": {"family": "offset_ce", "margin": 0.5, "temperature": 4.0}})
 splits = load_dataset(spec.dataset, data_roots=[], seed=0)
 model = build_model(spec.model, splits.input_shape, splits.num_classes).to(device)
 loss_fn = build_loss(spec.loss, splits.task)
 optimizer = make_optimizer(model, spec.training)
 train = splits.train.to(device)
 generator = torch.Generator(device=device).manual_seed(0)
-train_epoch(model, loss_fn, optimizer, train, 32, generator, 1, check_every=10)  # warm-up
+augment = build_augmentation(spec.training.augment, splits.input_shape)
+train_epoch(model, loss_fn, optimizer, train, 32, generator, 1, check_every=10,
+            augment=augment)  # warm-up
 steps = math.ceil(len(train) / 32)
 torch.cuda.synchronize()
 torch.cuda.set_sync_debug_mode("warn")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    train_epoch(model, loss_fn, optimizer, train, 32, generator, 2, check_every=10)
+    train_epoch(model, loss_fn, optimizer, train, 32, generator, 2, check_every=10,
+                augment=augment)
 torch.cuda.set_sync_debug_mode(0)
 syncs = [w for w in caught if "synchroniz" in str(w.message)]
 for w in syncs[:20]:
@@ -198,7 +214,70 @@ grep -h "complete:" "$OUT/worker.log" | tail -5 >>"$SUMMARY"
 cleanup
 trap - EXIT
 
-# ------------------------------------------------------------------ 4. benchmarks
+# ------------------------------------------------------------------ 4. CIFAR-10, offset CE, augmentation
+# The python batches under a data root when present; else a generated set of CIFAR-10's shape
+# (class-coloured blobs under noise: learnable, so the accuracy says the loop works), written as
+# CIFAR-10 batches in $DATA/datasets/cifar10-generated and named with dataset.path.
+CIFAR_PATH=null
+cifar_data() {
+    local root name
+    for root in "$DATA/datasets" /usr/share/datasets; do
+        for name in cifar-10-batches-py cifar10; do
+            if [ -f "$root/$name/data_batch_1" ] && [ -f "$root/$name/test_batch" ]; then
+                echo "CIFAR-10 batches found in $root/$name"
+                return 0
+            fi
+        done
+    done
+    CIFAR_PATH='"cifar10-generated"'
+    [ -f "$DATA/datasets/cifar10-generated/test_batch" ] && return 0
+    .venv/bin/python - "$DATA/datasets/cifar10-generated" "${CIFAR_GENERATED[@]}" <<'EOF'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from worker.datasets.cifar import write_cifar_dataset
+
+directory, n_train, n_test = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+colours = rng.uniform(0.2, 0.8, size=(10, 3))
+centres = rng.uniform(8, 24, size=(10, 2))
+yy, xx = np.mgrid[0:32, 0:32]
+
+
+def images(n):
+    labels = rng.integers(0, 10, size=n)
+    squared = (yy - centres[labels, 0, None, None]) ** 2 + (xx - centres[labels, 1, None, None]) ** 2
+    blobs = np.exp(-squared / 60.0)
+    x = colours[labels][:, :, None, None] * blobs[:, None] + rng.normal(0, 0.15, (n, 3, 32, 32))
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8), labels
+
+
+write_cifar_dataset(directory, *images(n_train), *images(n_test))
+print(f"generated CIFAR-10-shaped batches: {n_train} train, {n_test} test, in {directory}")
+EOF
+}
+cifar_trial() {
+    cifar_data || return 1
+    local spec="$OUT/cifar10-offset-ce.json"
+    cat >"$spec" <<EOF
+{"name": "gpu-check-cifar10",
+ "dataset": {"name": "cifar10", "path": $CIFAR_PATH, "n_samples": $CIFAR_SAMPLES},
+ "model": {"name": "convnet", "channels": $CIFAR_CHANNELS, "dense_widths": $CIFAR_DENSE},
+ "training": {"epochs": $CIFAR_EPOCHS, "batch_size": 256, "lr": 1e-3, "schedule": "cosine",
+              "augment": {"random_crop": 4, "horizontal_flip": true}},
+ "loss": {"family": "offset_ce", "margin": 0.3, "temperature": 8.0},
+ "eps": [0.1412, 0.2824, 0.4235]}
+EOF
+    cat "$spec"
+    .venv/bin/liptune train "$spec" --device "$DEVICE" --data-dir "$HOME_DIR" "${ROOTS[@]}"
+}
+step cifar10-offset-ce cifar_trial
+grep -hE "batches found|generated CIFAR|^ +(clean|0\.[0-9]+) +[0-9.]+$|training_time" \
+    "$OUT/cifar10-offset-ce.log" >>"$SUMMARY"
+
+# ------------------------------------------------------------------ 5. benchmarks
 step gpu-throughput .venv/bin/python benchmarks/gpu_throughput.py --device "$DEVICE" \
     "${THROUGHPUT[@]}" --json "$OUT/gpu_throughput.json"
 grep -h "trials/h" "$OUT/gpu-throughput.log" >>"$SUMMARY"

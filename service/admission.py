@@ -6,7 +6,7 @@ against the server: its limits (trials, epochs, model size and training memory f
 through ``..`` or symlinks alike), the data set as its files' structure and headers describe it
 (:func:`worker.datasets.describe_dataset`: a user's folder or ``.npz`` is refused here, naming
 the file, for what a worker would refuse), its classes and input shape (the architecture must
-fit it), a plugin network's modules (the guaranteed bound must know each, checked on the
+fit it, and augmentation needs images), a plugin network's modules (the guaranteed bound must know each, checked on the
 ``meta`` device), and the training devices the workers have. :func:`check_study` raises a 422
 problem listing every field that fails; reasons name the field and the figure, and a user's
 file relative to its data root.
@@ -20,6 +20,7 @@ import torch
 
 from service.config import Settings
 from service.problems import field_error, invalid_input
+from worker.augment import augmentation_error
 from worker.costs import study_cost
 from worker.datasets import DatasetDescription, DatasetError, describe_dataset
 from worker.datasets.locate import resolved_roots
@@ -80,10 +81,7 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
         try:
             description = describe_dataset(spec.dataset, roots)
         except DatasetError as error:
-            field = error.field or ("path" if spec.dataset.path else "name")
-            errors.append(
-                field_error(f"body.dataset.{field}", relative_to_roots(str(error), roots))
-            )
+            errors.append(dataset_field_error(error, spec.dataset, roots))
     if description is not None:
         errors += _data_errors(spec, description, settings)
     device = spec.training.device
@@ -129,6 +127,9 @@ def _data_errors(
                 "limit",
             )
         )
+    augment_error = augmentation_error(spec.training.augment, description.input_shape)
+    if augment_error is not None:
+        errors.append(field_error("body.training.augment", augment_error))
     if isinstance(spec.model, PluginModelSpec):
         try:
             check_model(spec.model, description.input_shape, description.num_classes)

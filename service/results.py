@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from worker.radii import RadiiSummary
 from worker.record import TrialRecord
+from worker.search_space import trial_params
 from worker.spec import DEFAULT_REPORT_EPS, FAMILY_PARAMS, StudySpec, metric_key
 
 #: Trial states as the API names them, in display order.
@@ -100,7 +101,8 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
         "attack",
     )
     state = frozen_trial.state.name
-    family = frozen_trial.params.get("loss")
+    # A study of one family never suggests ``loss``: the worker records it with the values.
+    family = frozen_trial.params.get("loss") or trial_params(frozen_trial).get("loss")
     params: dict[str, Any] = {"loss": family}
     for name in FAMILY_PARAMS.get(family, ()):
         if name in frozen_trial.params:

@@ -256,6 +256,10 @@ def test_catalog_health_and_metrics(client: TestClient):
     losses = {item["name"]: item for item in client.get("/losses").json()["items"]}
     assert set(losses["hkr"]["params"]) == {"margin", "alpha_kr"}
     assert losses["tau_ce"]["params"]["temperature"]["log"] is True
+    offset = losses["offset_ce"]
+    assert set(offset["params"]) == {"margin", "temperature"}
+    assert offset["tasks"] == ["binary", "multiclass"]
+    assert "1 / tau" in offset["params"]["temperature"]["description"]
     assert client.get("/health").json() == {"status": "ok"}
     client.post("/studies", json=DIGITS_SPEC)
     metrics = client.get("/metrics").text

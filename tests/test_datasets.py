@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from worker.datasets import DATASETS, DatasetError, clear_cache, load_dataset
+from worker.datasets.cifar import read_batch, write_cifar_dataset
 from worker.datasets.synthetic import inside_polygon, koch_snowflake
 from worker.paths import SYSTEM_DATA_ROOT
 from worker.spec import DatasetSpec
@@ -182,6 +183,24 @@ def test_cifar_reader_on_pickles_written_here(tmp_path):
     # Rows hold the R, G, B planes one after the other.
     expected = test_data.reshape(-1, 3, 32, 32) / 255.0
     np.testing.assert_allclose(splits.test.x.numpy(), expected, rtol=1e-6)
+
+
+def test_written_cifar_batches_load_as_cifar10_from_a_named_path(tmp_path):
+    rng = np.random.default_rng(4)
+    x_train = rng.integers(0, 256, size=(23, 3, 32, 32), dtype=np.uint8)
+    y_train = rng.integers(0, 10, size=23)
+    x_test = rng.integers(0, 256, size=(7, 3, 32, 32), dtype=np.uint8)
+    y_test = rng.integers(0, 10, size=7)
+    write_cifar_dataset(tmp_path / "generated", x_train, y_train, x_test, y_test)
+    sizes = [len(read_batch(tmp_path / "generated" / f"data_batch_{i}")[1]) for i in range(1, 6)]
+    assert sizes == [5, 5, 5, 4, 4]
+    spec = DatasetSpec(name="cifar10", path="generated", validation_fraction=0.0)
+    splits = load_dataset(spec, data_roots=[tmp_path], seed=0)
+    assert splits.input_shape == (3, 32, 32) and len(splits.train) == 23
+    assert splits.test.y.tolist() == y_test.tolist()
+    np.testing.assert_allclose(splits.test.x.numpy(), x_test / 255.0, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"x_test must be uint8 of shape \(N, 3, 32, 32\)"):
+        write_cifar_dataset(tmp_path / "bad", x_train, y_train, x_test[:, :1], y_test)
 
 
 def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):

@@ -16,6 +16,10 @@ Conventions converted in these tests (read from deel-torchlip 1.0.5's source):
   ``alpha_mean=1`` the mean stays at ``min_margin`` and the effective temperature is exactly
   ``temperature``, liptune's fixed temperature (for temperatures in [0.005, 250]).
 * deel's ``tau`` is liptune's ``temperature``.
+
+The offset cross-entropy is checked against orthogonium 0.0.4's ``LossXent(n_classes, offset,
+temperature)``, which divides by its temperature T: liptune's ``margin`` is its ``offset`` and
+liptune's ``temperature`` is ``1 / T``.
 """
 
 from __future__ import annotations
@@ -228,6 +232,104 @@ def test_tau_cross_entropy_matches_deel(seed, n, classes, one_hot, temperature, 
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("margin", [0.05, 0.3, 1.0, 2.12132])
+@pytest.mark.parametrize("paper_temperature", [0.01, 0.25, 1.0, 4.0])
+@pytest.mark.parametrize("classes", [2, 10])
+def test_offset_cross_entropy_matches_orthogonium(margin, paper_temperature, classes):
+    """OffsetCrossEntropyLoss(margin, temperature) = orthogonium LossXent(offset=margin,
+    temperature=1 / temperature), in float64, to 1e-6."""
+    from orthogonium.losses import LossXent
+
+    outputs, labels = multiclass_batch(int(100 * margin + classes), 64, classes)
+    theirs = LossXent(classes, offset=margin, temperature=paper_temperature)(outputs, labels)
+    ours = losses.OffsetCrossEntropyLoss(margin, temperature=1.0 / paper_temperature)
+    for target in (labels, F.one_hot(labels, classes)):
+        torch.testing.assert_close(ours(outputs, target), theirs, rtol=0.0, atol=1e-6)
+
+
+@fast
+@given(
+    seed=seeds,
+    n=st.integers(1, 40),
+    classes=st.integers(2, 12),
+    margin=margins,
+    temperature=st.floats(0.05, 100.0),
+)
+def test_offset_cross_entropy_is_tau_ce_of_the_offset_logits(seed, n, classes, margin, temperature):
+    outputs, labels = multiclass_batch(seed, n, classes)
+    shifted = outputs - margin * F.one_hot(labels, classes).double()
+    ours = losses.OffsetCrossEntropyLoss(margin, temperature, reduction="none")(outputs, labels)
+    tau_ce = losses.TauCrossEntropyLoss(temperature, reduction="none")(shifted, labels)
+    torch.testing.assert_close(ours, tau_ce)
+
+
+@fast
+@given(seed=seeds, n=st.integers(1, 40), margin=margins, temperature=st.floats(0.05, 100.0))
+def test_two_class_offset_cross_entropy_is_the_binary_one_of_the_logit_difference(
+    seed, n, margin, temperature
+):
+    outputs, labels = multiclass_batch(seed, n, 2)
+    multiclass = losses.OffsetCrossEntropyLoss(margin, temperature, reduction="none")
+    binary = losses.OffsetBCEWithLogitsLoss(margin, temperature, reduction="none")
+    difference = outputs[:, 1] - outputs[:, 0]
+    torch.testing.assert_close(multiclass(outputs, labels), binary(difference, labels))
+
+
+@fast
+@given(
+    seed=seeds,
+    n=st.integers(2, 40),
+    encoding=st.sampled_from(["zero_one", "signs"]),
+    margin=margins,
+    temperature=st.floats(0.05, 1e4),
+)
+def test_binary_offset_cross_entropy_bounds_its_hinge_limit(seed, n, encoding, margin, temperature):
+    """relu(m - y f) <= loss <= relu(m - y f) + log(2) / tau: it decreases to the hinge as the
+    temperature grows, and never falls below it."""
+    outputs, target = binary_batch(seed, n, encoding)
+    signs = torch.where(target > 0, 1.0, -1.0).double().flatten()
+    hinge = F.relu(margin - signs * outputs.flatten())
+    loss = losses.OffsetBCEWithLogitsLoss(margin, temperature, reduction="none")(outputs, target)
+    assert loss.shape == (n,)
+    assert (loss >= hinge - 1e-12).all()
+    assert (loss <= hinge + math.log(2.0) / temperature + 1e-12).all()
+    larger = losses.OffsetBCEWithLogitsLoss(margin, 2.0 * temperature, reduction="none")
+    assert (larger(outputs, target) <= loss + 1e-12).all()
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.5, 2.0])
+def test_binary_offset_cross_entropy_tends_to_the_hinge_at_large_temperatures(margin):
+    outputs, target = binary_batch(7, 64, "zero_one")
+    signs = 2.0 * target.flatten() - 1.0
+    hinge = F.relu(margin - signs * outputs.flatten())
+    taus = (1.0, 10.0, 1e3, 1e6)
+    gaps = [
+        (losses.OffsetBCEWithLogitsLoss(margin, tau, reduction="none")(outputs, target) - hinge)
+        .abs()
+        .max()
+        for tau in taus
+    ]
+    assert gaps[0] > gaps[1] > 0.0
+    assert all(gap <= math.log(2.0) / tau + 1e-12 for gap, tau in zip(gaps, taus, strict=True))
+    assert gaps[-1] < 1e-6
+
+
+def test_binary_offset_cross_entropy_values_and_encodings():
+    """softplus(-tau (y f - m)) / tau at hand-computed points, same for {0, 1} and {-1, +1}."""
+    f = torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)
+    loss = losses.OffsetBCEWithLogitsLoss(margin=0.5, temperature=2.0, reduction="none")
+    expected = torch.tensor(
+        [
+            math.log1p(math.exp(-2 * 0.5)) / 2,
+            math.log1p(math.exp(-2 * 0.0)) / 2,
+            math.log1p(math.exp(-2 * (-0.7))) / 2,
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(loss(f, torch.tensor([1, 0, 0])), expected)
+    torch.testing.assert_close(loss(f[:, None], torch.tensor([[1.0], [-1.0], [-1.0]])), expected)
+
+
 def test_cosine_similarity_loss_values():
     """deel-torchlip has no cosine loss: checked against 1 - f_y / ||f||."""
     outputs = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, -2.0], [1.0, 1.0, 1.0]])
@@ -245,6 +347,7 @@ def test_cosine_similarity_loss_values():
         losses.MulticlassHKRLoss(10.0, 0.5),
         losses.MulticlassSoftHKRLoss(10.0, 0.5, 20.0),
         losses.TauCrossEntropyLoss(5.0),
+        losses.OffsetCrossEntropyLoss(0.5, 4.0),
         losses.CosineSimilarityLoss(),
     ],
     ids=repr,
@@ -269,6 +372,8 @@ def test_multiclass_gradients_are_finite(loss):
         lambda v: losses.MulticlassHingeLoss(margin=v),
         lambda v: losses.MulticlassHKRLoss(alpha_kr=1.0, margin=v),
         lambda v: losses.MulticlassSoftHKRLoss(alpha_kr=1.0, margin=v),
+        lambda v: losses.OffsetCrossEntropyLoss(margin=v),
+        lambda v: losses.OffsetBCEWithLogitsLoss(margin=v),
     ],
 )
 def test_bad_margin_is_rejected(build, value):
@@ -283,6 +388,8 @@ def test_bad_margin_is_rejected(build, value):
         lambda v: losses.TauCrossEntropyLoss(temperature=v),
         lambda v: losses.TauBCEWithLogitsLoss(temperature=v),
         lambda v: losses.MulticlassSoftHKRLoss(temperature=v),
+        lambda v: losses.OffsetCrossEntropyLoss(temperature=v),
+        lambda v: losses.OffsetBCEWithLogitsLoss(temperature=v),
     ],
 )
 def test_bad_temperature_is_rejected(build, value):

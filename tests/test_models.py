@@ -10,6 +10,7 @@ from liptune.export import lipschitz_upper_bound
 from liptune.nn import (
     FrobeniusLinear,
     GroupSort2,
+    InvertibleDownSampling,
     LipschitzResidual,
     LipschitzSequential,
     MaxMin,
@@ -61,9 +62,25 @@ def test_heads_follow_the_task_and_the_spec():
     assert isinstance(build_model(MLPSpec(), (4,), 5)[-1], SpectralLinear)
 
 
-def test_guideline_defaults_groupsort2_l2_pooling_orthogonal_init():
+def test_conv_nets_default_to_invertible_pooling():
+    """The measured default (benchmarks/README.md, convolution families): space-to-depth keeps
+    the gradient norm the certificates need, where l2 pooling loses some."""
+    assert ConvNetSpec().pooling == ResNetSpec().pooling == "invertible"
     torch.manual_seed(0)
     model = build_model(ConvNetSpec(), (1, 28, 28), 10)
+    assert sum(isinstance(layer, InvertibleDownSampling) for layer in model) == 2
+    convs = [layer for layer in model if isinstance(layer, SpectralConv2d)]
+    dense = [layer for layer in model if isinstance(layer, SpectralLinear)]
+    # 1->16, space-to-depth (64 channels), 64->32, space-to-depth (128 x 7 x 7), 6272->64->10
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 16), (64, 32)]
+    assert [(d.in_features, d.out_features) for d in dense] == [(6272, 64), (64, 10)]
+    resnet = build_model(ResNetSpec(), (1, 8, 8), 10)
+    assert any(isinstance(layer, InvertibleDownSampling) for layer in resnet)
+
+
+def test_guideline_defaults_groupsort2_l2_pooling_orthogonal_init():
+    torch.manual_seed(0)
+    model = build_model(ConvNetSpec(pooling="l2"), (1, 28, 28), 10)
     kinds = [type(layer) for layer in model]
     assert GroupSort2 in kinds and ScaledL2NormPool2d in kinds
     # The reference Fashion-MNIST network: 1->16, pool, 16->32, pool, 1568->64, 64->10.
@@ -113,6 +130,8 @@ def test_model_registry_matches_the_spec_classes():
         ("soft_hkr", "multiclass", losses.MulticlassSoftHKRLoss),
         ("tau_ce", "binary", losses.TauBCEWithLogitsLoss),
         ("tau_ce", "multiclass", losses.TauCrossEntropyLoss),
+        ("offset_ce", "binary", losses.OffsetBCEWithLogitsLoss),
+        ("offset_ce", "multiclass", losses.OffsetCrossEntropyLoss),
         ("hinge", "binary", losses.HingeMarginLoss),
         ("hinge", "multiclass", losses.MulticlassHingeLoss),
         ("kr", "binary", losses.KRLoss),
@@ -129,6 +148,8 @@ def test_build_loss_passes_the_spec_values_and_defaults():
     assert loss.margin == 0.3 and loss.hinge_weight == 1.0
     assert loss.temperature == LOSSES["soft_hkr"].params["temperature"].default
     assert build_loss(LossSpec(family="tau_ce", temperature=4.0), "binary").temperature == 4.0
+    offset = build_loss(LossSpec(family="offset_ce", margin=0.7, temperature=4.0), "multiclass")
+    assert (offset.margin, offset.temperature) == (0.7, 4.0)
 
 
 @pytest.mark.parametrize("family", ["soft_hkr", "cosine"])

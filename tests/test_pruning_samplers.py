@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from worker.samplers import (
     SAMPLER_DESCRIPTIONS,
+    BestOf,
     GuidedSampler,
     build_sampler,
     eps_anchors,
@@ -200,6 +201,103 @@ def test_guided_ladders_start_where_the_loss_margin_certifies_the_objectives_eps
     # the alpha_kr ladder runs at the first margin
     at_alphas = {p["margin"] for p in points if p["loss"] == "hkr" and p["alpha_kr"] != math.inf}
     assert at_alphas == {first_margins[0]}
+
+
+OFFSET_SPACE = {
+    "loss": ["offset_ce", "tau_ce"],
+    "margin": [0.05, 0.1, 0.2, 0.5, 1.0, 2.0],
+    "temperature": [1.0, 3.0, 10.0, 30.0, 100.0],
+}
+
+
+@pytest.mark.parametrize(
+    ("spec", "offset", "first_margin"),
+    [
+        # global head: the offset asks f_y - f_j >= m, which certifies m / sqrt(2)
+        (
+            _anchored([{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.1}]),
+            math.sqrt(0.02),
+            0.1,
+        ),
+        # binary head: y f(x) >= m certifies m itself (no halving, unlike the HKR hinge)
+        (
+            _anchored(
+                [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.5}],
+                dataset={"name": "digits", "classes": [3, 8]},
+            ),
+            0.5,
+            0.5,
+        ),
+    ],
+    ids=["global-0.1", "binary-0.5"],
+)
+def test_the_offset_ce_ladder_starts_at_the_certifying_offset(spec, offset, first_margin) -> None:
+    anchors = eps_anchors(spec)
+    assert anchors["offset_margin"] == pytest.approx(offset)
+    points = [
+        p
+        for p in guideline_points(SearchSpace.model_validate(OFFSET_SPACE), 8, anchors)
+        if p["loss"] == "offset_ce"
+    ]
+    # the temperature walk at that offset, the whole ladder from its middle, accurate side first
+    walk = [p for p in points if not isinstance(p["temperature"], BestOf)]
+    assert {p["margin"] for p in walk} == {first_margin}
+    assert [p["temperature"] for p in walk] == [10.0, 30.0, 3.0, 100.0, 1.0]
+    # then the offset walk, outwards from that offset, at the best of those temperatures
+    offsets = points[len(walk) :]
+    assert sorted([first_margin] + [p["margin"] for p in offsets]) == OFFSET_SPACE["margin"]
+    best = BestOf("temperature", (("loss", "offset_ce"), ("margin", first_margin)), 10.0)
+    assert all(p["temperature"] == best for p in offsets)
+    assert points[0] == {"loss": "offset_ce", "margin": first_margin, "temperature": 10.0}
+
+
+def test_the_offset_walk_takes_the_best_temperature_of_the_completed_trials() -> None:
+    spec = _spec("guided", {**OFFSET_SPACE, "loss": "offset_ce"}).model_copy(
+        update={
+            "objectives": _anchored(
+                [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.1}]
+            ).objectives
+        }
+    )
+    sampler = build_sampler(spec, seed=0)
+    assert sampler.rank == (1, 1.0)  # the certified accuracy decides
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    # Before any trial completes, a BestOf falls back to the temperature walk's start.
+    choice = sampler.points[-1]["temperature"]
+    assert sampler.best(study, choice) == 10.0
+    suggested = []
+    for _ in range(len(sampler.points)):
+        trial = study.ask()
+        params = suggest_params(trial, spec.search_space)
+        suggested.append(params)
+        # a toy front: certified accuracy peaks at temperature 3 (accuracy grows with it)
+        t = params["temperature"]
+        study.tell(trial, [t / (1 + t), 1.0 - abs(math.log(t / 3.0))])
+    walk = [p for p in sampler.points if not isinstance(p["temperature"], BestOf)]
+    assert suggested[: len(walk)] == walk
+    offsets = suggested[len(walk) :]
+    assert offsets and all(p["temperature"] == 3.0 for p in offsets)
+    assert [p["margin"] for p in offsets] == [p["margin"] for p in sampler.points[len(walk) :]]
+
+
+def test_the_best_temperature_comes_from_a_feasible_trial_of_the_walk() -> None:
+    sampler = GuidedSampler([], optuna.samplers.RandomSampler(seed=0), rank=(1, 1.0))
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for temperature, margin, values, violation in [
+        (30.0, 0.1, [0.9, 0.9], 0.5),  # the best value, but a requirement is missed
+        (3.0, 0.1, [0.9, 0.7], 0.0),
+        (10.0, 0.1, [0.9, 0.6], -1.0),
+        (1.0, 0.5, [0.9, 0.95], 0.0),  # another offset: not on the walk
+    ]:
+        trial = study.ask()
+        trial.suggest_float("margin", 0.01, 5.0)
+        trial.set_user_attr(
+            "liptune.params", {"loss": "offset_ce", "margin": margin, "temperature": temperature}
+        )
+        trial.set_constraint("certified_accuracy_eps_0.1", violation)
+        study.tell(trial, values)
+    choice = BestOf("temperature", (("loss", "offset_ce"), ("margin", 0.1)), 100.0)
+    assert sampler.best(study, choice) == 3.0
 
 
 def test_without_an_eps_the_guided_ladders_start_at_their_middle() -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from liptune.export import lipschitz_upper_bound
+from worker.augment import build_augmentation
 from worker.datasets import Split, load_dataset
 from worker.losses import build_loss
 from worker.models import build_model
@@ -28,7 +29,7 @@ from worker.training import (
     train_epoch,
     validation_metrics,
 )
-from worker.trial import LIPSCHITZ_TOLERANCE, run_trial
+from worker.trial import LIPSCHITZ_TOLERANCE, _run_params, run_trial
 
 READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist"}
 BATCH = 64
@@ -97,6 +98,75 @@ def test_an_epoch_reads_the_device_only_at_its_divergence_checks(model, loss, cl
         )
     # One read per full window of check_every steps, one at the end of the epoch: none per step.
     assert reads.count == steps // check_every + 1
+
+
+AUGMENTED = (
+    {"name": "convnet", "channels": [8], "dense_widths": [16], "pooling": "l2"},
+    {"family": "offset_ce", "margin": 0.5, "temperature": 4.0},
+)
+
+
+@pytest.mark.parametrize("check_every", [2, 50])
+def test_an_augmented_epoch_reads_the_device_only_at_its_divergence_checks(check_every):
+    spec = spec_of(*AUGMENTED, augment={"random_crop": 2, "horizontal_flip": True})
+    model, loss_fn, splits = setup(spec, "meta")
+    augment = build_augmentation(spec.training.augment, splits.input_shape)
+    optimizer = make_optimizer(model, spec.training)
+    steps = 5
+    part = Split(splits.train.x[: steps * BATCH - 3], splits.train.y[: steps * BATCH - 3])
+    with DeviceReads() as reads:
+        train_epoch(
+            model,
+            loss_fn,
+            optimizer,
+            part.to("meta"),
+            BATCH,
+            None,
+            1,
+            check_every=check_every,
+            augment=augment,
+        )
+    assert reads.count == steps // check_every + 1
+
+
+def test_augmentation_touches_the_training_batches_only(monkeypatch):
+    """Every augmented batch is a training batch: validation, test, certificates and attacks
+    see the unaugmented images; the augmentation is logged with the run's parameters."""
+    calls = []
+
+    def counting(spec, input_shape):
+        inner = build_augmentation(spec, input_shape)
+
+        def augment(x, generator):
+            calls.append(len(x))
+            return inner(x, generator)
+
+        return augment
+
+    monkeypatch.setattr("worker.training.build_augmentation", counting)
+    spec = spec_of(*AUGMENTED, device="cpu", augment={"random_crop": 2, "horizontal_flip": True})
+    result = run_trial(spec, tracking=None, data_roots=[])
+    assert result.status == "completed"
+    splits = load_dataset(spec.dataset, data_roots=[], seed=spec.seed)
+    assert sum(calls) == len(splits.train) and len(calls) == math.ceil(len(splits.train) / BATCH)
+    params = _run_params(spec)
+    assert params["training.augment.random_crop"] == "2"
+    assert params["training.augment.horizontal_flip"] == "True"
+    assert not any(
+        key.startswith("training.augment") for key in _run_params(spec_of(*CASES[0][:2]))
+    )
+
+
+def test_augmenting_data_that_are_not_images_fails_before_training():
+    spec = TrialSpec.model_validate(
+        {
+            "dataset": {"name": "two-moons", "n_samples": 64},
+            "training": {"epochs": 1, "device": "cpu", "augment": {"horizontal_flip": True}},
+            "loss": {"family": "offset_ce"},
+        }
+    )
+    with pytest.raises(ValueError, match=r"training\.augment: .*shape \(2,\)"):
+        run_trial(spec, tracking=None, data_roots=[])
 
 
 def test_the_validation_pass_reads_the_device_once():

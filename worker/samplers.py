@@ -24,7 +24,9 @@ HKR margins for inputs in [0, 1] between 0.01 and 5), one point per trial, then 
 the sampler ``auto`` would choose, which refines with those trials as its data. Each ladder
 starts at the setting whose loss asks for the margin that certifies the study's eps
 (:func:`eps_anchors`) and walks outwards, the accurate side first; the one-parameter families
-come first.
+come first. ``offset_ce`` starts at the offset that certifies the eps, walks the temperature at
+that offset, then the offset at the best temperature so far (:class:`BestOf`: decided when each
+of those trials starts, from the completed ones).
 
 Requirements are recorded with ``trial.set_constraint`` before ``tell`` (Optuna 5 deprecates
 samplers' ``constraints_func``); every sampler here reads them from the finished trials.
@@ -36,6 +38,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +47,7 @@ import optuna
 from worker.costs import num_classes
 from worker.datasets import describe_dataset
 from worker.models import certificate_mode
-from worker.search_space import grid
+from worker.search_space import grid, trial_params
 from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, Range, SearchSpace, StudySpec
 
 #: Above this many trials ``auto`` uses NSGA-II.
@@ -56,9 +59,10 @@ SAMPLER_DESCRIPTIONS = {
     "auto": "Chosen from the space and budget: NSGA-II above 300 trials, GP for one family "
     "with numeric ranges up to 100 trials, multivariate grouped TPE otherwise.",
     "guided": "The default. The guidelines' trade-off ladders first (temperature for tau_ce; "
-    "margin at the largest alpha_kr, then alpha_kr for hkr), each from the setting whose margin "
-    "certifies the objective's eps (temperature 1/g, margin g, g = sqrt(2) eps for a global "
-    "head) outwards, then what auto picks.",
+    "margin at the largest alpha_kr, then alpha_kr for hkr; temperature at the certifying "
+    "offset, then the offset at the best temperature for offset_ce), each from the setting "
+    "whose margin certifies the objective's eps (temperature 1/g, margin or offset g, g = "
+    "sqrt(2) eps for a global head) outwards, then what auto picks.",
     "tpe": "Optuna's TPE, multivariate and grouped, with the constant liar.",
     "gp": "Optuna's Gaussian-process sampler (log EHVI for several objectives).",
     "nsga2": "Optuna's NSGA-II.",
@@ -139,6 +143,7 @@ def build_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             guideline_points(spec.search_space, LADDER_POINTS, eps_anchors(spec)),
             build_sampler(refined, seed),
             offset=len(spec.baselines),
+            rank=ranking_objective(spec),
         )
     if name == "tpe":
         with warnings.catch_warnings():  # `group` is experimental, and exactly what we want
@@ -259,6 +264,8 @@ def eps_anchors(spec: StudySpec) -> dict[str, float]:
 
     * HKR / hinge margin ``m = g`` (multiclass: the hinge pushes ``f_y - f_j`` to ``m``;
       binary: ``y f(x)`` to ``m / 2``, so ``m = 2 g``);
+    * offset cross-entropy offset ``offset_margin = g``: it asks for ``f_y - f_j >= m``
+      (binary: ``y f(x) >= m``, no halving);
     * tau-CE temperature ``tau = 1 / g``: ``CE(tau f) / tau`` stops pushing a gap once
       ``tau * gap`` is past about 1 (the softmax of the two classes is then ~0.73), so a
       temperature's margins scale as ``1 / tau`` (Bethune et al. 2022, "Pay attention to your
@@ -271,7 +278,18 @@ def eps_anchors(spec: StudySpec) -> dict[str, float]:
     if gap is None:
         return {}
     binary = num_classes(spec.dataset) == 2
-    return {"margin": 2 * gap if binary else gap, "temperature": 1.0 / gap}
+    return {"margin": 2 * gap if binary else gap, "temperature": 1.0 / gap, "offset_margin": gap}
+
+
+@dataclass(frozen=True)
+class BestOf:
+    """A ``guided`` point's value decided when its trial starts: the value of ``param`` in the
+    best completed trial whose parameters include ``among`` (see :meth:`GuidedSampler.best`),
+    ``fallback`` while none has completed (e.g. several workers starting together)."""
+
+    param: str
+    among: tuple[tuple[str, Any], ...]
+    fallback: float
 
 
 def guideline_points(
@@ -289,6 +307,10 @@ def guideline_points(
     * ``hkr`` / ``soft_hkr``: the margin ladder at the largest alpha_kr (``inf`` = hinge only),
       then the alpha_kr ladder at the middle margin, from large to small (the guidelines' order:
       find the margin with the hinge alone, then lower alpha_kr);
+    * ``offset_ce``: the temperature ladder at the offset nearest ``anchors["offset_margin"]``
+      (from its middle, the accurate side first), then the offset ladder outwards from that
+      offset at the best temperature of the first ladder (a :class:`BestOf`, falling back to
+      the first ladder's start);
     * ``hinge``: the margin ladder; ``kr`` and ``cosine``: one point.
     """
     anchors = anchors or {}
@@ -302,6 +324,20 @@ def guideline_points(
             ladder = _ladder(space.temperature, "temperature", count)
             temperatures = middle_out(ladder, "temperature", anchors.get("temperature"))
             curves.append([{**base, "temperature": t} for t in temperatures])
+        elif family == "offset_ce":
+            margins = middle_out(
+                _ladder(space.margin, "margin", count), "margin", anchors.get("offset_margin")
+            )
+            temperatures = middle_out(
+                _ladder(space.temperature, "temperature", count), "temperature"
+            )
+            best = BestOf(
+                "temperature", (("loss", family), ("margin", margins[0])), temperatures[0]
+            )
+            curves.append(
+                [{**base, "margin": margins[0], "temperature": t} for t in temperatures]
+                + [{**base, "margin": m, "temperature": best} for m in margins[1:]]
+            )
         elif "margin" in params:
             alpha = (
                 {"alpha_kr": _largest(space.alpha_kr, "alpha_kr")} if "alpha_kr" in params else {}
@@ -326,9 +362,19 @@ def guideline_points(
     return points
 
 
+def ranking_objective(spec: StudySpec) -> tuple[int, float]:
+    """Which objective decides a :class:`BestOf`, and its sign (1: maximised): the first
+    certified accuracy (the ladders are anchored on its eps), else the first objective."""
+    objectives = list(spec.objectives)
+    index = next((i for i, item in enumerate(objectives) if item.metric == "certified_accuracy"), 0)
+    return index, 1.0 if objectives[index].direction == "maximize" else -1.0
+
+
 class GuidedSampler(optuna.samplers.BaseSampler):
     """Trial ``offset + k`` takes ``points[k]`` (its loss family and parameters); later trials,
-    and parameters a point does not name, come from ``refine``.
+    and parameters a point does not name, come from ``refine``. A :class:`BestOf` value is
+    decided when the trial starts (:meth:`best`), ranking completed trials by objective
+    ``rank[0]`` with sign ``rank[1]`` (:func:`ranking_objective`).
 
     The point of a trial follows from its number, which the storage hands out once: several
     workers never train the same point twice.
@@ -339,10 +385,30 @@ class GuidedSampler(optuna.samplers.BaseSampler):
         points: list[dict[str, Any]],
         refine: optuna.samplers.BaseSampler,
         offset: int = 0,
+        rank: tuple[int, float] = (0, 1.0),
     ) -> None:
         self.points = points
         self.refine = refine
         self.offset = offset
+        self.rank = rank
+
+    def best(self, study: optuna.Study, choice: BestOf) -> float:
+        """``choice.param`` of the best completed trial whose parameters include
+        ``choice.among``: feasible ones first (requirements met), then the larger signed value
+        of the ranking objective, then the earlier trial; ``choice.fallback`` when none."""
+        index, sign = self.rank
+        best_key, value = None, choice.fallback
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            params = trial_params(trial)
+            if choice.param not in params or trial.values is None or index >= len(trial.values):
+                continue
+            if any(params.get(name) != wanted for name, wanted in choice.among):
+                continue
+            feasible = all(value <= 0 for value in trial.constraints.values())
+            key = (feasible, sign * trial.values[index], -trial.number)
+            if best_key is None or key > best_key:
+                best_key, value = key, float(params[choice.param])
+        return value
 
     def _point(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
         index = trial.number - self.offset
@@ -378,6 +444,8 @@ class GuidedSampler(optuna.samplers.BaseSampler):
         point = self._point(trial)
         if point is not None and param_name in point:
             value = point[param_name]
+            if isinstance(value, BestOf):
+                value = self.best(study, value)
             if isinstance(param_distribution, optuna.distributions.CategoricalDistribution):
                 return next(c for c in param_distribution.choices if c == value)
             return value

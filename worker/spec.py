@@ -7,8 +7,10 @@ sampler and each trial's :class:`TrialSpec` from it, and ``liptune train`` reads
 named from registries.
 
 Conventions of the field (see DESIGN.md): ``alpha_kr`` is the guideline's weight of the hinge term
-against the KR term (``inf`` = hinge only), the HKR hinge uses ``relu(margin/2 - y f(x))``, and
-tau-cross-entropy is ``CE(temperature * logits, y) / temperature``.
+against the KR term (``inf`` = hinge only), the HKR hinge uses ``relu(margin/2 - y f(x))``,
+tau-cross-entropy is ``CE(temperature * logits, y) / temperature``, and offset cross-entropy is
+``CE(temperature * (logits - margin * onehot(y)), y) / temperature`` (papers' divisor T = 1 /
+temperature).
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ _CONV_DESCRIPTION = (
     "`bcop` (BCOPConv2d, exactly orthogonal block convolutions)."
 )
 _POOLING_DESCRIPTION = (
-    "Downsampling after each stage, halving H and W: `l2` (L2 norm of each 2x2 window), `avg` "
-    "(average times 2), `invertible` (space-to-depth, 4x the channels: orthogonal, so it keeps "
-    "the gradient norm the certificates need; see benchmarks/README.md, convolution families)."
+    "Downsampling after each stage, halving H and W: `invertible` (the default: space-to-depth, "
+    "4x the channels: orthogonal, so it keeps the gradient norm the certificates need; measured "
+    "in benchmarks/README.md, convolution families), `l2` (L2 norm of each 2x2 window), `avg` "
+    "(average times 2)."
 )
-LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "hinge", "kr", "cosine")
+LOSS_FAMILIES = ("hkr", "soft_hkr", "tau_ce", "offset_ce", "hinge", "kr", "cosine")
 #: The hyper-parameters each loss family reads; the search space only suggests these.
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
     "hkr": ("margin", "alpha_kr"),
     "soft_hkr": ("margin", "alpha_kr", "temperature"),
     "tau_ce": ("temperature",),
+    "offset_ce": ("margin", "temperature"),
     "hinge": ("margin",),
     "kr": (),
     "cosine": (),
@@ -191,7 +195,7 @@ class ConvNetSpec(_ModelBase):
     kernel_size: int = Field(default=3, ge=1, le=11)
     conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
     pooling: Literal["l2", "avg", "invertible"] = Field(
-        default="l2", description=_POOLING_DESCRIPTION
+        default="invertible", description=_POOLING_DESCRIPTION
     )
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
@@ -211,7 +215,7 @@ class ResNetSpec(_ModelBase):
     kernel_size: int = Field(default=3, ge=1, le=11)
     conv: Literal[CONV_FAMILIES] = Field(default="spectral", description=_CONV_DESCRIPTION)  # type: ignore[valid-type]
     pooling: Literal["l2", "avg", "invertible"] = Field(
-        default="l2", description=_POOLING_DESCRIPTION
+        default="invertible", description=_POOLING_DESCRIPTION
     )
     dense_widths: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default=[64])
 
@@ -276,6 +280,29 @@ ModelSpec = Annotated[
 Precision = Literal["float32", "tf32", "bf16"]
 
 
+class AugmentSpec(_Spec):
+    """Training augmentation of image batches (see :mod:`worker.augment`): drawn per batch on
+    the trial's device; validation, test, certificates and every metric use the unaugmented
+    images. Only for image data (inputs shaped (C, H, W))."""
+
+    random_crop: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Pad each side with this many zero pixels and crop back to the image size "
+        "at a random offset per image (CIFAR-10's recipe: 4); 0: no crop. Below the image's "
+        "height and width.",
+    )
+    horizontal_flip: bool = Field(
+        default=False, description="Flip each image left-right with probability 1/2."
+    )
+
+    @property
+    def active(self) -> bool:
+        """Whether this changes any image."""
+        return self.random_crop > 0 or self.horizontal_flip
+
+
 class TrainingSpec(_Spec):
     epochs: int = Field(default=10, ge=1, le=10_000)
     batch_size: int = Field(default=128, ge=1, le=65_536)
@@ -293,6 +320,12 @@ class TrainingSpec(_Spec):
         description="Training steps' arithmetic: `float32`, `tf32` (CUDA matmuls and "
         "convolutions) or `bf16` (autocast forward passes). Validation, export, bounds and "
         "certificates always run in float32 or float64.",
+    )
+    augment: AugmentSpec | None = Field(
+        default=None,
+        description="Training augmentation of image batches, e.g. "
+        '{"random_crop": 4, "horizontal_flip": true}; off by default. Refused for data that are '
+        "not images.",
     )
 
     @field_validator("lr")

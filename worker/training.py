@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from liptune.certify import predict_with_certificates
+from worker.augment import Augment, build_augmentation
 from worker.datasets import DataSplits, Split
 from worker.evaluation import EVAL_BATCH_SIZE
 from worker.spec import Precision, TrainingSpec, metric_key
@@ -137,6 +138,7 @@ def train_epoch(
     precision: Precision = "float32",
     check_every: int = DIVERGENCE_CHECK_STEPS,
     on_progress: Callable[[int, int, int], None] | None = None,
+    augment: Augment | None = None,
 ) -> float:
     """One pass over ``train`` (already on the model's device) in batches shuffled on that
     device by ``generator`` (one of that device; ``None``: torch's default); the mean training
@@ -148,7 +150,9 @@ def train_epoch(
     naming the first non-finite step and the checked range it was found in; the steps between
     that one and the check have trained a model that is discarded with the trial.
     ``on_progress(epoch, step, n_steps)`` is called at each of those checks (no extra
-    synchronisation): what ``liptune train`` shows inside a long epoch.
+    synchronisation): what ``liptune train`` shows inside a long epoch. ``augment(x,
+    generator)`` (:func:`worker.augment.build_augmentation`) transforms each batch on the device
+    before the forward pass, with draws from ``generator``, reading nothing back either.
     """
     model.train()
     device = train.x.device
@@ -157,8 +161,11 @@ def train_epoch(
     losses = torch.empty(len(batches), dtype=torch.float32, device=device)
     checked = 0
     for step, batch in enumerate(batches, start=1):
+        inputs = train.x[batch]
+        if augment is not None:
+            inputs = augment(inputs, generator)
         with _autocast(precision, device):
-            outputs = model(train.x[batch])
+            outputs = model(inputs)
         loss = loss_fn(outputs.float(), train.y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,8 +225,11 @@ def train(
     epoch; when it answers True the run stops with ``cancelled`` set. ``should_prune`` is asked
     with each epoch's record after ``on_epoch`` (not after the last epoch); True ends the run
     with ``pruned_at_epoch``. A NaN or infinite loss stops it with ``failure_reason`` set.
-    ``on_progress`` is passed to :func:`train_epoch`.
+    ``on_progress`` is passed to :func:`train_epoch`. ``spec.augment`` transforms the training
+    batches only (``ValueError`` naming ``training.augment``, before any epoch, when the data
+    are not images); the validation records see the unaugmented split.
     """
+    augment = build_augmentation(spec.augment, splits.input_shape)
     optimizer = make_optimizer(model, spec)
     schedule = make_schedule(optimizer, spec)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -244,6 +254,7 @@ def train(
                     epoch,
                     precision=spec.precision,
                     on_progress=on_progress,
+                    augment=augment,
                 )
         except Diverged as error:
             run.failure_reason = str(error)

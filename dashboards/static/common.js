@@ -104,7 +104,7 @@ const liptune = (() => {
 
   const PARAM_LABELS = { margin: "margin", alpha_kr: "alpha_KR", temperature: "temperature" };
   const FAMILY_COLORS = {
-    hkr: "#0072B2", soft_hkr: "#CC79A7", tau_ce: "#E69F00", hinge: "#009E73", kr: "#D55E00", cosine: "#56B4E9",
+    hkr: "#0072B2", soft_hkr: "#CC79A7", tau_ce: "#E69F00", offset_ce: "#B8A000", hinge: "#009E73", kr: "#D55E00", cosine: "#56B4E9",
   };
 
   function familyChip(family) {

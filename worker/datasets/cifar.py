@@ -52,6 +52,40 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def write_cifar_dataset(
+    directory: Path,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+) -> None:
+    """Write images ``uint8`` (N, 3, 32, 32) and labels (N,) as CIFAR-10 python batches in
+    ``directory`` (created): the training set split into :data:`TRAIN_BATCHES` (sizes differing
+    by at most one), the test set in :data:`TEST_BATCH`, with the originals' layout (``b"data"``
+    rows of R, G, B planes, ``b"labels"`` a list of ints) in pickle protocol 4 (Python 3's
+    protocol 2 would pickle the pixels through ``_codecs``, which the reader refuses). What a
+    generated stand-in for CIFAR-10 is written as (``scripts/gpu-check.sh``); :func:`read_batch`
+    reads it back."""
+    for name, images, labels in (("x_train", x_train, y_train), ("x_test", x_test, y_test)):
+        if images.dtype != np.uint8 or images.shape[1:] != (3, 32, 32):
+            raise ValueError(f"{name} must be uint8 of shape (N, 3, 32, 32), got {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{name} has {len(images)} images but {len(labels)} labels")
+    directory.mkdir(parents=True, exist_ok=True)
+    parts = np.array_split(np.arange(len(x_train)), len(TRAIN_BATCHES))
+    batches = [
+        (name, x_train[rows], y_train[rows])
+        for name, rows in zip(TRAIN_BATCHES, parts, strict=True)
+    ]
+    for name, images, labels in [*batches, (TEST_BATCH, x_test, y_test)]:
+        batch = {
+            b"data": np.ascontiguousarray(images.reshape(len(images), -1)),
+            b"labels": [int(label) for label in labels],
+        }
+        with (directory / name).open("wb") as stream:
+            pickle.dump(batch, stream, protocol=4)
+
+
 def cifar_files(directory: Path, roots: Sequence[Path]) -> dict[str, Path] | None:
     """The six batch files of ``directory``, or ``None`` if one lacks."""
     found = {}
