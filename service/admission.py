@@ -6,10 +6,10 @@ against the server: its limits (trials, epochs, model size and training memory f
 through ``..`` or symlinks alike), the data set as its files' structure and headers describe it
 (:func:`worker.datasets.describe_dataset`: a user's folder or ``.npz`` is refused here, naming
 the file, for what a worker would refuse), its classes and input shape (the architecture must
-fit it, and augmentation needs images), a plugin network's modules (the guaranteed bound must know each, checked on the
-``meta`` device), and the training devices the workers have. :func:`check_study` raises a 422
-problem listing every field that fails; reasons name the field and the figure, and a user's
-file relative to its data root.
+fit it, and augmentation needs images), a plugin network's modules (the guaranteed bound must
+know each, checked on the ``meta`` device), and the training devices the workers have.
+:func:`check_study` raises a 422 problem listing every field that fails; reasons name the field
+and the figure, and a user's file relative to its data root.
 """
 
 from __future__ import annotations
