@@ -19,6 +19,7 @@
 #
 #   scripts/gpu-check.sh                 # on a GPU machine
 #   DEVICE=cpu scripts/gpu-check.sh      # the same steps on the CPU, with smaller settings
+#   TESTS_LAST=1 scripts/gpu-check.sh    # the figures first, the test steps last
 #
 # DEVICE=cpu shrinks: the Fashion-MNIST subsample (5,000 examples, 1 epoch), the CIFAR-10 trial
 # (1,000 training images, 1 epoch, a smaller conv net; a generated set of 1,200), the throughput
@@ -99,16 +100,22 @@ fi
 
 # ------------------------------------------------------------------ 1. core tests on the device
 CORE_TESTS=(tests/test_nn_layers.py tests/test_nn_properties.py tests/test_losses.py
-    tests/test_certify.py tests/test_export.py)
+    tests/test_certify.py tests/test_export.py tests/test_conditioning.py)
 for file in tests/test_bound*.py tests/test_attack*.py tests/test_conv_*.py; do
     [ -e "$file" ] && CORE_TESTS+=("$file")
 done
-step core-tests .venv/bin/python -m pytest -q -p no:cacheprovider --device "$DEVICE" \
-    --junitxml="$OUT/core-tests.xml" "${CORE_TESTS[@]}"
-# The training loop's CPU tests (no-sync counts on the meta device, divergence, bf16, limits);
-# DEVICE=cpu leaves them to the ordinary test run.
-[ "$DEVICE" != cpu ] && step training-tests .venv/bin/python -m pytest -q -p no:cacheprovider \
-    --junitxml="$OUT/training-tests.xml" tests/test_training.py tests/test_training_devices.py
+test_steps() {
+    step core-tests .venv/bin/python -m pytest -q -p no:cacheprovider --device "$DEVICE" \
+        --junitxml="$OUT/core-tests.xml" "${CORE_TESTS[@]}"
+    # The training loop's CPU tests (no-sync counts on the meta device, divergence, bf16,
+    # limits); DEVICE=cpu leaves them to the ordinary test run.
+    [ "$DEVICE" != cpu ] && step training-tests .venv/bin/python -m pytest -q \
+        -p no:cacheprovider --junitxml="$OUT/training-tests.xml" tests/test_training.py \
+        tests/test_training_devices.py
+}
+# TESTS_LAST=1 runs the test steps after the figures (a device lent for minutes reports the
+# measurements first).
+[ "${TESTS_LAST:-0}" = 1 ] || test_steps
 
 # ------------------------------------------------------------------ 2. host syncs of an epoch
 sync_count() {
@@ -285,5 +292,6 @@ step core-speed .venv/bin/python benchmarks/core_speed.py --device "$DEVICE" "${
     --json
 grep -hE "train (liptune|deel)/|train step|inference" "$OUT/core-speed.log" >>"$SUMMARY"
 
+[ "${TESTS_LAST:-0}" = 1 ] && test_steps
 note "gpu-check on $DEVICE: $([ $FAILED = 0 ] && echo all passed || echo SOME FAILED) in $SECONDS s"
 exit $FAILED
