@@ -35,7 +35,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from worker import claims
-from worker.claims import Claim, ClaimCounts, StaleClaim
+from worker.claims import Claim, ClaimCounts, ClaimState, StaleClaim
 from worker.record import TrialRecord
 from worker.search_space import enqueue, suggest_params
 from worker.spec import SearchSpace
@@ -48,9 +48,9 @@ from worker.storage import (
 )
 from worker.studies import (
     ID_ATTR,
-    RUNNING,
     STATUS_ATTR,
     STUDY_PREFIX,
+    StudyStatus,
     optuna_study_name,
     running_studies,
     set_status,
@@ -115,13 +115,14 @@ class StudyStore:
         """Optuna's id of the service's study ``study_id``; ``KeyError`` when there is none."""
         return self.storage.get_study_id_from_name(optuna_study_name(study_id))
 
-    def study_status(self, study_name: str) -> str:
+    def study_status(self, study_name: str) -> StudyStatus:
         """The status of a study (one read of its user attributes): the status poll."""
         study_id = self.storage.get_study_id_from_name(study_name)
-        return self.storage.get_study_user_attrs(study_id).get(STATUS_ATTR, RUNNING)
+        return StudyStatus(self.storage.get_study_user_attrs(study_id).get(STATUS_ATTR, "running"))
 
-    def study_status_by_id(self, optuna_study_id: int) -> str:
-        return self.storage.get_study_user_attrs(optuna_study_id).get(STATUS_ATTR, RUNNING)
+    def study_status_by_id(self, optuna_study_id: int) -> StudyStatus:
+        attrs = self.storage.get_study_user_attrs(optuna_study_id)
+        return StudyStatus(attrs.get(STATUS_ATTR, "running"))
 
     @staticmethod
     def frozen_study_id(frozen_study: Any) -> int:
@@ -151,7 +152,9 @@ class StudyStore:
             self.storage.record_heartbeat(trial_id)
         return alive
 
-    def finish_claim(self, claim: Claim, state: str, failure_reason: str | None = None) -> bool:
+    def finish_claim(
+        self, claim: Claim, state: ClaimState, failure_reason: str | None = None
+    ) -> bool:
         return claims.finish(self.engine, claim, state, failure_reason)
 
     def claim_counts(self, study_name: str) -> ClaimCounts:
@@ -161,7 +164,7 @@ class StudyStore:
         return claims.free_stale_claims(self.engine, study_name, grace_period)
 
     def claimed_trial_ids(
-        self, study_name: str, states: tuple[str, ...] = (claims.RUNNING,)
+        self, study_name: str, states: tuple[ClaimState, ...] = (ClaimState.RUNNING,)
     ) -> set[int]:
         return claims.claimed_trial_ids(self.engine, study_name, states)
 
@@ -178,7 +181,7 @@ class StudyStore:
             now = _as_datetime(connection.execute(sa.select(sa.func.now())).scalar_one())
             rows = connection.execute(
                 sa.select(table.c.worker_id, sa.func.max(table.c.heartbeat_at))
-                .where(table.c.state == claims.RUNNING)
+                .where(table.c.state == ClaimState.RUNNING)
                 .group_by(table.c.worker_id)
             ).all()
         return [
@@ -231,7 +234,9 @@ class StudyStore:
         """A trial with fixed ``params`` waiting in ``study`` (see :func:`enqueue`)."""
         enqueue(study, params, user_attrs)
 
-    def set_status(self, study: optuna.Study, status: str, reason: str | None = None) -> None:
+    def set_status(
+        self, study: optuna.Study, status: StudyStatus, reason: str | None = None
+    ) -> None:
         """Set a study's status (and the ``reason`` of a failure)."""
         set_status(study, status, reason)
 
