@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from liptune.export import vanilla_export
+from liptune._plain import vanilla_export
 from liptune.nn import (
     FullSort,
     GroupSort,
