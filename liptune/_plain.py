@@ -5,6 +5,7 @@ copy, and :mod:`liptune.export`, which re-exports the bound, need not import eac
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -13,30 +14,35 @@ from torch.nn.utils import parametrize
 from liptune.nn.sll import SLLConv2d
 
 
-def _plain_layer(layer: nn.Module) -> nn.Module:
+def _plain_layer(layer: nn.Linear | nn.Conv2d) -> nn.Linear | nn.Conv2d:
     """A plain ``nn.Linear``/``nn.Conv2d`` with ``layer``'s (eval-mode) constrained weight."""
     weight = layer.weight.detach()
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    has_bias = layer.bias is not None
+    factory: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+    bias = layer.bias
+    plain: nn.Linear | nn.Conv2d
     if isinstance(layer, nn.Linear):
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, **factory)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **factory)
     else:
+        # torch annotates the stored settings more loosely than the constructor takes them.
+        settings: dict[str, Any] = {
+            "stride": layer.stride,
+            "padding": layer.padding,
+            "dilation": layer.dilation,
+            "padding_mode": layer.padding_mode,
+        }
         plain = nn.Conv2d(
             layer.in_channels,
             layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
+            cast(tuple[int, int], layer.kernel_size),
             groups=layer.groups,
-            bias=has_bias,
-            padding_mode=layer.padding_mode,
+            bias=bias is not None,
+            **settings,
             **factory,
         )
     with torch.no_grad():
         plain.weight.copy_(weight)
-        if has_bias:
-            plain.bias.copy_(layer.bias.detach())
+        if bias is not None and plain.bias is not None:
+            plain.bias.copy_(bias.detach())
     return plain
 
 
@@ -45,14 +51,13 @@ def _devolve(module: nn.Module) -> nn.Module:
     if isinstance(module, SLLConv2d):
         return module.vanilla()
     if parametrize.is_parametrized(module):
-        if isinstance(module, nn.Linear | nn.Conv2d) and list(module.parametrizations) == [
-            "weight"
-        ]:
+        parametrizations = cast(nn.ModuleDict, module.parametrizations)
+        if isinstance(module, nn.Linear | nn.Conv2d) and list(parametrizations) == ["weight"]:
             plain = _plain_layer(module)
             if hasattr(module, "certificate_mode"):
                 plain.certificate_mode = module.certificate_mode
             return plain
-        for name in list(module.parametrizations):
+        for name in list(parametrizations):
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     for name, child in module.named_children():
         setattr(module, name, _devolve(child))

@@ -54,6 +54,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -149,7 +150,8 @@ def _pad_amounts(conv: nn.Conv2d, axis: int) -> tuple[int, int]:
     if conv.padding == "same":
         total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
         return total // 2, total - total // 2
-    return conv.padding[axis], conv.padding[axis]
+    padding = cast(tuple[int, int], conv.padding)  # neither "valid" nor "same": numbers
+    return padding[axis], padding[axis]
 
 
 def _copies(length: int, before: int, after: int, mode: str) -> int:
@@ -309,8 +311,8 @@ def _conv_operator(conv: nn.Conv2d, weight: Tensor) -> Callable[[Tensor], Tensor
 
 
 def _avg_pool_as_conv(pool: nn.AvgPool2d, channels: int) -> nn.Conv2d:
-    def pair(value) -> tuple[int, int]:
-        return (value, value) if isinstance(value, int) else tuple(value)
+    def pair(value: int | Sequence[int]) -> tuple[int, int]:
+        return (value, value) if isinstance(value, int) else (value[0], value[1])
 
     kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
     if pool.ceil_mode or (not pool.count_include_pad and padding != (0, 0)):
@@ -424,7 +426,11 @@ class _Walker:
             bound, method = _matrix_norm_bound(weight), "svd"
             estimate = torch.linalg.matrix_norm(weight, 2).item()
         else:
-            conv = module if isinstance(module, nn.Conv2d) else _avg_pool_as_conv(module, shape[0])
+            conv = (
+                module
+                if isinstance(module, nn.Conv2d)
+                else _avg_pool_as_conv(cast(nn.AvgPool2d, module), shape[0])
+            )
             bound, method = conv_bound(conv, shape)
             operator = _conv_operator(conv, conv.weight.detach().double())
             estimate = min(_power_norm(operator, x, self.iterations), bound)
@@ -439,7 +445,8 @@ class _Walker:
 
         def jacobian(v: Tensor) -> Tensor:  # of the map at x: I - B D A
             inner = conv._conv_forward(v, conv.weight, None) * active
-            return v - F.conv_transpose2d(inner, transposed.weight, padding=transposed.padding)
+            padding = cast(tuple[int, int], transposed.padding)
+            return v - F.conv_transpose2d(inner, transposed.weight, padding=padding)
 
         estimate = min(_power_norm(jacobian, x, self.iterations), bound)
         shape = tuple(x.shape[1:])
@@ -494,7 +501,9 @@ def _example(input_shape: Sequence[int]) -> Tensor:
     return torch.rand((1, *shape), dtype=torch.float64)
 
 
-def _walk(model: nn.Module, input_shape: Sequence[int], iterations: int):
+def _walk(
+    model: nn.Module, input_shape: Sequence[int], iterations: int
+) -> tuple[float, float, list[LayerBound]]:
     example = _example(input_shape)
     exported = vanilla_export(model).double()
     walker = _Walker(iterations)

@@ -37,8 +37,9 @@ def _example(model: nn.Module, input_shape: Sequence[int], batch: int = 1) -> Te
             f"ints, e.g. (1, 28, 28); got {input_shape!r}"
         )
     parameter = next(model.parameters(), None)
-    factory = {} if parameter is None else {"dtype": parameter.dtype, "device": parameter.device}
-    return torch.rand((batch, *shape), **factory)
+    if parameter is None:
+        return torch.rand((batch, *shape))
+    return torch.rand((batch, *shape), dtype=parameter.dtype, device=parameter.device)
 
 
 def export_onnx(
