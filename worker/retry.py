@@ -1,14 +1,15 @@
 """Riding out store outages: retry a storage operation with back-off while the database is away.
 
 A worker's loop is a sequence of storage operations (claim, attach, heartbeat, tell, status
-polls, ...), each one method of :class:`worker.store.StudyStore`. :func:`retrying` wraps every
-such method of a store: when a call fails because the database cannot be reached (a refused or
-dropped connection, SQLite's lock timeout; :func:`store_unreachable`), it is logged and tried
-again after a back-off doubling from :attr:`RetryPolicy.initial_s` to :attr:`RetryPolicy.max_s`,
-until :attr:`RetryPolicy.deadline_s` has passed; then the error is raised. Any other error is
-raised at once (a bug is not an outage). So a PostgreSQL restart of a few seconds delays a trial
-but loses nothing: its result is told when the store is back. :mod:`worker.tracking` rides out
-MLflow outages with the same :class:`RetryPolicy`, its own predicate and give-up exception.
+polls, ...), each one method of :class:`worker.store.StudyStore` marked :func:`retried`.
+:func:`retrying` gives a store a policy under which every such method runs: when a call fails
+because the database cannot be reached (a refused or dropped connection, SQLite's lock timeout;
+:func:`store_unreachable`), it is logged and tried again after a back-off doubling from
+:attr:`RetryPolicy.initial_s` to :attr:`RetryPolicy.max_s`, until :attr:`RetryPolicy.deadline_s`
+has passed; then the error is raised. Any other error is raised at once (a bug is not an
+outage). So a PostgreSQL restart of a few seconds delays a trial but loses nothing: its result
+is told when the store is back. :mod:`worker.tracking` rides out MLflow outages with the same
+:class:`RetryPolicy`, its own predicate and give-up exception.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import optuna
 import sqlalchemy.exc
@@ -113,50 +114,32 @@ class RetryPolicy:
         return retried
 
 
-#: The store's operations that :func:`retrying` wraps (every method that reads or writes it).
-STORE_OPERATIONS = (
-    "require_schema",
-    "load_study",
-    "running_studies",
-    "liptune_studies",
-    "optuna_study_id",
-    "study_status",
-    "study_status_by_id",
-    "claim",
-    "attach",
-    "heartbeat",
-    "finish_claim",
-    "claim_counts",
-    "free_stale_claims",
-    "claimed_trial_ids",
-    "studies_with_running_claims",
-    "heartbeat_ages",
-    "get_trial",
-    "ask",
-    "suggest",
-    "write_record",
-    "report",
-    "set_constraint",
-    "enqueue",
-    "set_status",
-    "tell",
-    "prune",
-    "epoch_records",
-    "fail",
-    "fail_trial_id",
-    "running_trial_ids",
-    "trials_since",
-    "trial_state_counts",
-)
+class _Retriable(Protocol):
+    #: Set by :func:`retrying`; ``None``: each :func:`retried` method is called once.
+    retry_policy: RetryPolicy | None
 
 
-def retrying(store: T, policy: RetryPolicy | None = None) -> T:
-    """``store`` with each of its :data:`STORE_OPERATIONS` retried under ``policy`` (the
-    instance's methods are replaced; the object stays the same)."""
-    policy = policy or RetryPolicy()
-    for name in STORE_OPERATIONS:
-        method = getattr(store, name, None)
-        if method is None:
-            continue
-        setattr(store, name, policy.wrap(method))
+S = TypeVar("S", bound=_Retriable)
+
+
+def retried(method: Callable[Concatenate[S, P], T]) -> Callable[Concatenate[S, P], T]:
+    """Mark a store method as a storage operation: called under the instance's
+    ``retry_policy`` when :func:`retrying` gave it one, once otherwise. Its signature is kept
+    for the type checker; a method without it is never retried."""
+
+    @functools.wraps(method)
+    def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        policy = self.retry_policy
+        if policy is None:
+            return method(self, *args, **kwargs)
+        return policy.call(method, self, *args, **kwargs)
+
+    call.retried = True  # type: ignore[attr-defined]
+    return call
+
+
+def retrying(store: S, policy: RetryPolicy | None = None) -> S:
+    """``store`` with each of its :func:`retried` methods retried under ``policy`` (default
+    :class:`RetryPolicy`); the object stays the same."""
+    store.retry_policy = policy or RetryPolicy()
     return store
