@@ -36,16 +36,18 @@ run: install
 demo: install
 	LIPTUNE_HOME=$(LIPTUNE_HOME) $(BIN)/liptune demo
 
-## Everything CI runs: system services, lint, the whole test suite.
+## Everything CI runs: system services, lint, types, the whole test suite.
 test: install-test
 	sh scripts/system-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 
 format: install-test
 	$(BIN)/ruff format .
@@ -55,4 +57,4 @@ bench: install-test
 	$(BIN)/python benchmarks/core_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis test-artifacts

@@ -54,12 +54,13 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from liptune.export import vanilla_export
+from liptune._plain import vanilla_export
 from liptune.nn import (
     FullSort,
     GroupSort,
@@ -151,9 +152,9 @@ def check_boundable(model: nn.Module, name: str = "") -> None:
     if _known_forward(model, (nn.Sequential,)):
         for child_name, child in model.named_children():
             check_boundable(child, _child(name, child_name))
-    elif _known_forward(model, (LipschitzResidual,)):
+    elif isinstance(model, LipschitzResidual) and _known_forward(model, (LipschitzResidual,)):
         check_boundable(model.block, _child(name, "block"))
-    elif _known_forward(model, (ScaledConcat,)):
+    elif isinstance(model, ScaledConcat) and _known_forward(model, (ScaledConcat,)):
         for index, branch in enumerate(model.branches):
             check_boundable(branch, _child(name, f"branches.{index}"))
     elif not _known_forward(model, (SLLResidual, *_WEIGHTED, *_ONE_LIPSCHITZ)):
@@ -192,7 +193,8 @@ def _pad_amounts(conv: nn.Conv2d, axis: int) -> tuple[int, int]:
     if conv.padding == "same":
         total = conv.dilation[axis] * (conv.kernel_size[axis] - 1)
         return total // 2, total - total // 2
-    return conv.padding[axis], conv.padding[axis]
+    padding = cast(tuple[int, int], conv.padding)  # neither "valid" nor "same": numbers
+    return padding[axis], padding[axis]
 
 
 def _copies(length: int, before: int, after: int, mode: str) -> int:
@@ -352,8 +354,8 @@ def _conv_operator(conv: nn.Conv2d, weight: Tensor) -> Callable[[Tensor], Tensor
 
 
 def _avg_pool_as_conv(pool: nn.AvgPool2d, channels: int) -> nn.Conv2d:
-    def pair(value) -> tuple[int, int]:
-        return (value, value) if isinstance(value, int) else tuple(value)
+    def pair(value: int | Sequence[int]) -> tuple[int, int]:
+        return (value, value) if isinstance(value, int) else (value[0], value[1])
 
     kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
     if pool.ceil_mode or (not pool.count_include_pad and padding != (0, 0)):
@@ -467,7 +469,11 @@ class _Walker:
             bound, method = _matrix_norm_bound(weight), "svd"
             estimate = torch.linalg.matrix_norm(weight, 2).item()
         else:
-            conv = module if isinstance(module, nn.Conv2d) else _avg_pool_as_conv(module, shape[0])
+            conv = (
+                module
+                if isinstance(module, nn.Conv2d)
+                else _avg_pool_as_conv(cast(nn.AvgPool2d, module), shape[0])
+            )
             bound, method = conv_bound(conv, shape)
             operator = _conv_operator(conv, conv.weight.detach().double())
             estimate = min(_power_norm(operator, x, self.iterations), bound)
@@ -482,7 +488,8 @@ class _Walker:
 
         def jacobian(v: Tensor) -> Tensor:  # of the map at x: I - B D A
             inner = conv._conv_forward(v, conv.weight, None) * active
-            return v - F.conv_transpose2d(inner, transposed.weight, padding=transposed.padding)
+            padding = cast(tuple[int, int], transposed.padding)
+            return v - F.conv_transpose2d(inner, transposed.weight, padding=padding)
 
         estimate = min(_power_norm(jacobian, x, self.iterations), bound)
         shape = tuple(x.shape[1:])
@@ -499,11 +506,11 @@ class _Walker:
             return bound, estimate, x
         with torch.no_grad():
             y = module(x)
-        if _known_forward(module, (LipschitzResidual,)):
+        if isinstance(module, LipschitzResidual) and _known_forward(module, (LipschitzResidual,)):
             b, e, _ = self.walk(module.block, x, _child(name, "block"))
             t = module.skip_weight
             return t + (1 - t) * b, t + (1 - t) * e, y
-        if _known_forward(module, (ScaledConcat,)):
+        if isinstance(module, ScaledConcat) and _known_forward(module, (ScaledConcat,)):
             parts = [
                 self.walk(branch, x, _child(name, f"branches.{i}"))[:2]
                 for i, branch in enumerate(module.branches)
@@ -511,7 +518,7 @@ class _Walker:
             n = len(parts)
             bound = math.sqrt(sum(b * b for b, _ in parts) / n)
             return bound, math.sqrt(sum(e * e for _, e in parts) / n), y
-        if _known_forward(module, (SLLResidual,)):
+        if isinstance(module, SLLResidual) and _known_forward(module, (SLLResidual,)):
             b, e = self.sll(name, module, x)
             return b, e, y
         if _known_forward(module, _WEIGHTED):
@@ -532,7 +539,9 @@ def _example(input_shape: Sequence[int]) -> Tensor:
     return torch.rand((1, *shape), dtype=torch.float64)
 
 
-def _walk(model: nn.Module, input_shape: Sequence[int], iterations: int):
+def _walk(
+    model: nn.Module, input_shape: Sequence[int], iterations: int
+) -> tuple[float, float, list[LayerBound]]:
     example = _example(input_shape)
     exported = vanilla_export(model).double()
     walker = _Walker(iterations)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,10 +43,10 @@ CertificateMode = Literal["binary", "global", "classwise"]
 _GAP_SCALE = {"global": 1.0 / math.sqrt(2.0), "classwise": 0.5}
 
 
-def _check_mode(mode: str) -> str:
+def _check_mode(mode: object) -> CertificateMode:
     if mode not in CERTIFICATE_MODES:
         raise ValueError(f"certificate mode must be one of {CERTIFICATE_MODES}, got {mode!r}")
-    return mode
+    return cast(CertificateMode, mode)
 
 
 def _multiclass_outputs(outputs: Tensor, mode: str) -> Tensor:
@@ -169,7 +169,7 @@ def certificate_mode(model: nn.Module) -> CertificateMode:
             "liptune.nn.LipschitzSequential, or set model.certificate_mode to one of "
             f"{CERTIFICATE_MODES} if you know that the model is 1-Lipschitz"
         )
-    return _check_mode(mode)  # type: ignore[return-value]
+    return _check_mode(mode)
 
 
 def gradient_norm_ratio(

@@ -13,6 +13,9 @@ r"""Export a model built from :mod:`liptune.nn` to plain PyTorch and ONNX, and b
 - :func:`lipschitz_upper_bound` is :func:`liptune.bounds.lipschitz_bound`: a guaranteed bound
   of the plain model's Lipschitz constant from its weights alone.
 
+:func:`vanilla_export` is defined in :mod:`liptune._plain`, which :mod:`liptune.bounds` builds on
+too: this module imports the bound, nothing imports this module back.
+
 ``input_shape`` is the shape of one example, without the batch dimension: ``(C, H, W)`` for
 images, ``(features,)`` for vectors.
 """
@@ -20,87 +23,29 @@ images, ``(features,)`` for vectors.
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
+from liptune._plain import devolve, vanilla_export
+from liptune.bounds import lipschitz_bound
+from liptune.certify import CertificateMode
 from liptune.nn.conditioning import ConditionedSequential, FiLM
 from liptune.nn.containers import LipschitzSequential
-from liptune.nn.sll import SLLConv2d
 
 __all__ = ["export_onnx", "lipschitz_upper_bound", "vanilla_export", "vanilla_export_at"]
-
-
-def _plain_layer(layer: nn.Module) -> nn.Module:
-    """A plain ``nn.Linear``/``nn.Conv2d`` with ``layer``'s (eval-mode) constrained weight."""
-    weight = layer.weight.detach()
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    has_bias = layer.bias is not None
-    if isinstance(layer, nn.Linear):
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, **factory)
-    else:
-        plain = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=has_bias,
-            padding_mode=layer.padding_mode,
-            **factory,
-        )
-    with torch.no_grad():
-        plain.weight.copy_(weight)
-        if has_bias:
-            plain.bias.copy_(layer.bias.detach())
-    return plain
-
-
-def _devolve(module: nn.Module) -> nn.Module:
-    """Return ``module`` with every parametrisation inside it baked into plain tensors."""
-    if isinstance(module, SLLConv2d):
-        return module.vanilla()
-    if parametrize.is_parametrized(module):
-        if isinstance(module, nn.Linear | nn.Conv2d) and list(module.parametrizations) == [
-            "weight"
-        ]:
-            plain = _plain_layer(module)
-            if hasattr(module, "certificate_mode"):
-                plain.certificate_mode = module.certificate_mode
-            return plain
-        for name in list(module.parametrizations):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    for name, child in module.named_children():
-        setattr(module, name, _devolve(child))
-    return module
-
-
-def vanilla_export(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` where each constrained layer is a plain ``nn.Linear``/``nn.Conv2d``.
-
-    The weights are the constrained weights as ``model`` uses them in eval mode (no power
-    iteration step is taken, ``model`` is left untouched); padding, stride and padding mode
-    (including circular) are kept, as are the core's activations, pooling and merges and the
-    attribute ``certificate_mode``. The result is in eval mode and can be pickled.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"vanilla_export expects an nn.Module, got {type(model).__name__}")
-    exported = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        exported = _devolve(exported)
-    return exported.eval()
 
 
 def _fold(layer: nn.Module, gamma: Tensor, beta: Tensor) -> None:
     r"""Fold :math:`z \mapsto \gamma z + \beta` into the plain ``layer`` before it, in place:
     output channel ``c``'s weights times :math:`\gamma_c`, bias :math:`\gamma_c b_c + \beta_c`
     (a layer without bias gets one)."""
+    if not isinstance(layer, nn.Linear | nn.Conv2d):
+        raise TypeError(f"a FiLM layer folds into nn.Linear or nn.Conv2d, not {type(layer)}")
     weight = layer.weight
     gamma, beta = gamma.to(weight), beta.to(weight)
-    layer.weight.mul_(gamma.reshape(-1, *([1] * (weight.dim() - 1))))
+    weight.mul_(gamma.reshape(-1, *([1] * (weight.dim() - 1))))
     if layer.bias is None:
         layer.bias = nn.Parameter(beta.clone())
     else:
@@ -135,7 +80,7 @@ def vanilla_export_at(model: ConditionedSequential, condition: Tensor) -> Lipsch
                 gamma, beta = module.modulation(condition.to(parameter))
                 _fold(modules[-1], gamma, beta)
                 continue
-            modules.append(_devolve(copy.deepcopy(module).eval()))
+            modules.append(devolve(copy.deepcopy(module).eval()))
     exported = LipschitzSequential(*modules, certificate_mode=model.certificate_mode)
     return exported.eval()
 
@@ -148,8 +93,9 @@ def _example(model: nn.Module, input_shape: Sequence[int], batch: int = 1) -> Te
             f"ints, e.g. (1, 28, 28); got {input_shape!r}"
         )
     parameter = next(model.parameters(), None)
-    factory = {} if parameter is None else {"dtype": parameter.dtype, "device": parameter.device}
-    return torch.rand((batch, *shape), **factory)
+    if parameter is None:
+        return torch.rand((batch, *shape))
+    return torch.rand((batch, *shape), dtype=parameter.dtype, device=parameter.device)
 
 
 def export_onnx(
@@ -208,7 +154,8 @@ class _WithRadius(nn.Module):
         from liptune.certify import certificates
 
         logits = self.model(x)
-        return logits, certificates(logits, self.model.certificate_mode, self.lipschitz)
+        mode = cast(CertificateMode, self.model.certificate_mode)
+        return logits, certificates(logits, mode, self.lipschitz)
 
 
 def _torch_export_onnx(
@@ -238,9 +185,5 @@ def _torch_export_onnx(
         )
 
 
-def lipschitz_upper_bound(model: nn.Module, input_shape: Sequence[int]) -> float:
-    """The guaranteed bound :func:`liptune.bounds.lipschitz_bound` (kept under this name)."""
-    # Imported here: liptune.bounds imports this module for vanilla_export.
-    from liptune.bounds import lipschitz_bound
-
-    return lipschitz_bound(model, input_shape)
+#: The guaranteed bound :func:`liptune.bounds.lipschitz_bound`, under the name this module gives it.
+lipschitz_upper_bound = lipschitz_bound

@@ -27,6 +27,7 @@ static, only the batch ``N`` is dynamic):
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -67,7 +68,7 @@ class UnsupportedModule(TypeError):
 class _Graph:
     """The nodes and initializers being written, and the shapes each module saw in PyTorch."""
 
-    def __init__(self, dtype: torch.dtype, shapes: dict[nn.Module, tuple]) -> None:
+    def __init__(self, dtype: torch.dtype, shapes: dict[nn.Module, tuple[int, ...] | None]) -> None:
         if dtype not in _DTYPES:
             raise UnsupportedModule(f"the writer handles float16/32/64 models, not {dtype}")
         self.dtype = np.dtype(_DTYPES[dtype])
@@ -80,7 +81,7 @@ class _Graph:
         self._count += 1
         return f"{prefix}_{self._count}"
 
-    def constant(self, value, *, integer: bool = False) -> str:
+    def constant(self, value: Any, *, integer: bool = False) -> str:
         """An initializer holding ``value`` (int64 if ``integer``, else the model's dtype)."""
         array = np.asarray(value, dtype=np.int64 if integer else self.dtype)
         name = self._name("const")
@@ -93,12 +94,14 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def node(self, op: str, inputs: Sequence[str], outputs: int = 1, **attributes) -> list[str]:
+    def node(
+        self, op: str, inputs: Sequence[str], outputs: int = 1, **attributes: Any
+    ) -> list[str]:
         names = [self._name(op) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op, list(inputs), names, **attributes))
         return names
 
-    def op(self, op: str, *inputs: str, **attributes) -> str:
+    def op(self, op: str, *inputs: str, **attributes: Any) -> str:
         """Add a one-output node ``op(*inputs)`` and return its output's name."""
         return self.node(op, inputs, **attributes)[0]
 
@@ -123,12 +126,17 @@ class _Graph:
 
 _Emitter = Callable[[_Graph, nn.Module, str], str]
 _EMITTERS: dict[type[nn.Module], _Emitter] = {}
+_M = TypeVar("_M", bound=nn.Module)
 
 
-def _emits(*types: type[nn.Module]) -> Callable[[_Emitter], _Emitter]:
-    def register(emitter: _Emitter) -> _Emitter:
+def _emits(
+    *types: type[_M],
+) -> Callable[[Callable[[_Graph, _M, str], str]], Callable[[_Graph, _M, str], str]]:
+    """Register an emitter for modules of ``types`` (it is only ever called with those)."""
+
+    def register(emitter: Callable[[_Graph, _M, str], str]) -> Callable[[_Graph, _M, str], str]:
         for module_type in types:
-            _EMITTERS[module_type] = emitter
+            _EMITTERS[module_type] = cast(_Emitter, emitter)
         return emitter
 
     return register
@@ -354,7 +362,7 @@ def _sll(graph: _Graph, module: SLLResidual, x: str) -> str:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise UnsupportedModule(f"SLLResidual with {conv}: the writer takes numeric zero padding")
     inner = graph.op("Relu", _conv2d(graph, conv, x))
-    top, left = transposed.padding
+    top, left = cast(tuple[int, int], transposed.padding)
     branch = graph.op(
         "ConvTranspose",
         inner,
@@ -378,14 +386,16 @@ def _concat(graph: _Graph, module: ScaledConcat, x: str) -> str:
 # ------------------------------------------------------------------------------ the model
 
 
-def _input_shapes(model: nn.Module, example: Tensor) -> tuple[dict[nn.Module, tuple], Tensor]:
+def _input_shapes(
+    model: nn.Module, example: Tensor
+) -> tuple[dict[nn.Module, tuple[int, ...] | None], Tensor]:
     """The input shape (batch excluded) each module sees on ``example``, and the output.
 
     A module called on inputs of different shapes maps to ``None``.
     """
-    shapes: dict[nn.Module, tuple | None] = {}
+    shapes: dict[nn.Module, tuple[int, ...] | None] = {}
 
-    def record(module: nn.Module, args: tuple) -> None:
+    def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
         shape = tuple(args[0].shape[1:])
         shapes[module] = shape if shapes.get(module, shape) == shape else None
 
@@ -451,7 +461,7 @@ def to_onnx(
     element_type = helper.np_dtype_to_tensor_dtype(graph.dtype)
     outputs = [helper.make_tensor_value_info("output", element_type, ["batch", *output.shape[1:]])]
     if lipschitz is not None:
-        radius = _radius(graph, out, mode, lipschitz)
+        radius = _radius(graph, out, str(mode), lipschitz)
         graph.nodes.append(helper.make_node("Identity", [radius], ["radius"]))
         outputs.append(helper.make_tensor_value_info("radius", element_type, ["batch"]))
     proto = helper.make_model(

@@ -20,13 +20,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from liptune.certify import CERTIFICATE_MODES, _check_mode, predict_with_certificates
+from liptune.certify import (
+    CERTIFICATE_MODES,
+    CertificateMode,
+    _check_mode,
+    predict_with_certificates,
+)
 
 __all__ = [
     "CERTIFICATE_FILE",
@@ -57,7 +62,7 @@ class Certificate:
     promises, ``input_shape`` the shape of one input (no batch dimension).
     """
 
-    mode: str
+    mode: CertificateMode
     lipschitz: float
     input_shape: tuple[int, ...]
 
@@ -85,7 +90,8 @@ class Certificate:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Certificate:
-        return cls(str(data["mode"]), float(data["lipschitz"]), tuple(data["input_shape"]))
+        mode = cast(CertificateMode, str(data["mode"]))  # checked in __post_init__
+        return cls(mode, float(data["lipschitz"]), tuple(data["input_shape"]))
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CERTIFICATE_FILE
@@ -178,7 +184,7 @@ class CertifiedClassifier:
             )
             logits = outputs.reshape(len(x), -1).cpu().numpy()
             label, radius = predicted.cpu().numpy(), radii.cpu().numpy()
-        answer = {"label": label, "radius": radius, "logits": logits}
+        answer: dict[str, np.ndarray] = {"label": label, "radius": radius, "logits": logits}
         if eps is not None:
             answer["certified"] = radius >= eps
         return answer
@@ -188,12 +194,12 @@ class CertifiedClassifier:
             probe = torch.zeros((1, *self.certificate.input_shape), dtype=self.dtype)
             return tuple(self.network(probe.to(self.device)).reshape(1, -1).shape[1:])
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """The pyfunc answer: a pandas frame with columns ``label``, ``radius``, ``logits``
         (one list per row) and, with ``params={"eps": E}``, ``certified``. An input the model
         cannot answer raises MLflow's invalid-parameter error (a 400 from the scoring
         server)."""
-        import pandas as pd
+        import pandas as pd  # type: ignore[import-untyped]  # MLflow's pyfunc answers frames
 
         eps = (params or {}).get("eps")
         try:
@@ -219,7 +225,9 @@ def _device(model_config: Mapping[str, Any] | None) -> str:
     return configured or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or "cpu"
 
 
-def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None):
+def _load_pyfunc(
+    data_path: str, model_config: Mapping[str, Any] | None = None
+) -> CertifiedClassifier:
     """MLflow's pyfunc loader: ``data_path`` is the model's ``data`` folder (the pickled
     network and :data:`CERTIFICATE_FILE`)."""
     import mlflow.pytorch

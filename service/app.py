@@ -2,14 +2,19 @@
 
 At start it migrates the service's tables (:func:`service.migrations.upgrade`, safe when several
 processes start together), opens the Optuna storage on the same URL, and shares both, with the
-study cache, through ``app.state.resources``. Every response is JSON in which infinite floats
-are the strings ``"Infinity"``/``"-Infinity"`` (``alpha_kr = inf``), every error problem+json.
+study cache, through ``app.state.resources``. Background work (the cost model's warm-up) lives in
+the app's lifespan: it starts when the app starts serving and is awaited when it shuts down.
+Every response is JSON in which infinite floats are the strings ``"Infinity"``/``"-Infinity"``
+(``alpha_kr = inf``), every error problem+json.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import sqlalchemy
 from fastapi import Depends, FastAPI
@@ -84,6 +89,22 @@ def open_resources(settings: Settings) -> Resources:
     )
 
 
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    """Start the background work when the app starts serving and await it at shutdown.
+
+    The cost model's warm-up traces models with torch, which cannot be interrupted, and a process
+    that exits while it runs aborts in torch's C++ (exit status 134): so shutdown joins it, and the
+    thread is not a daemon, so that an exit which skips shutdown still waits for it.
+    """
+    warm_up = threading.Thread(target=costs.warm_up, name="cost-warm-up")
+    warm_up.start()
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(warm_up.join)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The liptune API on the stores of ``settings`` (default: from the environment)."""
     settings = settings or Settings()
@@ -97,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=InfJSONResponse,
         openapi_tags=TAGS,
         generate_unique_id_function=_operation_id,
+        lifespan=lifespan,
         responses={
             "4XX": {
                 "model": ProblemSchema,
@@ -106,7 +128,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.resources = resources
-    threading.Thread(target=costs.warm_up, name="cost-warm-up", daemon=True).start()
     problems.install(app, settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

@@ -30,6 +30,7 @@ from service.db import StudyRow
 from worker.radii import RadiiSummary
 from worker.spec import StudySpec
 from worker.store import StudyStore
+from worker.studies import StudyStatus
 
 #: Derived results kept per snapshot (e.g. fronts at this many distinct eps).
 MAX_DERIVED = 64
@@ -49,7 +50,7 @@ class StudySnapshot:
     spec_data: dict[str, Any]
     n_trials: int
     created_at: datetime
-    status: str
+    status: StudyStatus
     records: list[results.Record]
     radii: dict[int, RadiiSummary | None]
     trials: dict[int, FrozenTrial]

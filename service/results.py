@@ -26,6 +26,7 @@ import moocore
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
+from worker.front import as_losses, non_dominated
 from worker.radii import RadiiSummary
 from worker.record import TrialRecord
 from worker.search_space import trial_params
@@ -204,27 +205,10 @@ def candidates(records: Iterable[Record]) -> list[Record]:
 
 def _losses(records: Sequence[Record], objectives: Sequence[ObjectiveEntry]) -> np.ndarray:
     """Values as an (N, M) array where smaller is better in every column (Optuna's convention)."""
-    losses = np.array(
+    return as_losses(
         [[record["values"][objective["key"]] for objective in objectives] for record in records],
-        dtype=np.float64,
-    ).reshape(len(records), len(objectives))
-    signs = np.array([-1.0 if o["direction"] == "maximize" else 1.0 for o in objectives])
-    return losses * signs
-
-
-def _non_dominated(losses: np.ndarray) -> np.ndarray:
-    """Boolean mask (N,) of the rows that no other row dominates (<= everywhere, < somewhere).
-
-    Duplicated points are all kept: two trials with the same values are both on the front.
-    """
-    n = losses.shape[0]
-    mask = np.ones(n, dtype=bool)
-    for index in range(n):
-        if not mask[index]:
-            continue
-        dominates = np.all(losses[index] <= losses, axis=1) & np.any(losses[index] < losses, axis=1)
-        mask &= ~dominates
-    return mask
+        [objective["direction"] for objective in objectives],
+    )
 
 
 def pareto_front(records: Iterable[Record], objectives: Sequence[ObjectiveEntry]) -> list[Record]:
@@ -242,10 +226,10 @@ def pareto_front(records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
     if not usable:
         return []
     losses = _losses(usable, objectives)
-    mask = _non_dominated(losses)
-    front = [record for record, keep in zip(usable, mask, strict=True) if keep]
+    mask = non_dominated(losses)
+    kept = [record for record, keep in zip(usable, mask, strict=True) if keep]
     order = np.lexsort(losses[mask][:, ::-1].T)
-    return [front[index] for index in order]
+    return [kept[index] for index in order]
 
 
 def pareto_front_at_eps(

@@ -18,7 +18,7 @@ from service.results import TRIAL_STATES
 from worker.studies import STATUSES
 
 TrialStateName = Literal[TRIAL_STATES]  # type: ignore[valid-type]
-StudyStatus = Literal[STATUSES]  # type: ignore[valid-type]
+StudyStatusName = Literal[STATUSES]  # type: ignore[valid-type]
 Number = float | Literal["Infinity", "-Infinity", "NaN"]
 
 
@@ -152,7 +152,7 @@ class StudySummary(_Schema):
     name: str
     dataset: str
     model: str
-    status: StudyStatus
+    status: StudyStatusName
     n_trials: int
     counts: dict[str, int]
     best: dict[str, BestValue]

@@ -8,12 +8,12 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from worker.front import non_dominated_fronts
 from worker.pruning import (
     MOASHA,
     RungResult,
     crowding_distance,
     keeps,
-    non_dominated_fronts,
     rank,
     rungs,
 )
@@ -59,7 +59,7 @@ def test_fronts_match_the_definition_on_random_vectors() -> None:
         points = [
             tuple(generator.choice([0.1, 0.2, 0.3, 0.4]) for _ in range(3)) for _ in range(12)
         ]
-        fronts = non_dominated_fronts(points)
+        fronts = non_dominated_fronts([[-value for value in point] for point in points])
         assert sorted(itertools.chain(*fronts)) == list(range(12))
         level = {i: k for k, front in enumerate(fronts) for i in front}
         assert [level[i] for i in range(12)] == _dominated_by_brute_force(points)

@@ -26,15 +26,24 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from enum import StrEnum
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 CLAIMS_TABLE = "liptune_trial_claims"
 
-RUNNING = "running"
-COMPLETE = "complete"
-FAILED = "failed"
+
+class ClaimState(StrEnum):
+    """The state of a claim, stored as its value in the ``state`` column."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+# The former module-level names of the states, kept for callers outside the worker.
+RUNNING, COMPLETE, FAILED = ClaimState.RUNNING, ClaimState.COMPLETE, ClaimState.FAILED
 
 metadata = sa.MetaData()
 claims = sa.Table(
@@ -46,7 +55,18 @@ claims = sa.Table(
     sa.Column("trial_id", sa.Integer, nullable=True),
     sa.Column("trial_number", sa.Integer, nullable=True),
     sa.Column("worker_id", sa.String(255), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column(
+        "state",
+        # VARCHAR(16) as migrated; reads give ClaimState, writes store the value.
+        sa.Enum(
+            ClaimState,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda states: [state.value for state in states],
+        ),
+        nullable=False,
+    ),
     sa.Column("failure_reason", sa.Text, nullable=True),
     sa.Column("claimed_at", sa.DateTime, nullable=False, server_default=sa.func.now()),
     sa.Column("heartbeat_at", sa.DateTime, nullable=False, server_default=sa.func.now()),
@@ -100,7 +120,7 @@ def claim_slot(engine: Engine, study_name: str, *, n_trials: int, worker_id: str
         taken = set(
             connection.execute(
                 sa.select(claims.c.slot).where(
-                    claims.c.study_name == study_name, claims.c.state != FAILED
+                    claims.c.study_name == study_name, claims.c.state != ClaimState.FAILED
                 )
             ).scalars()
         )
@@ -109,7 +129,9 @@ def claim_slot(engine: Engine, study_name: str, *, n_trials: int, worker_id: str
             return None
         claim_id = connection.execute(
             claims.insert()
-            .values(study_name=study_name, slot=free[0], worker_id=worker_id, state=RUNNING)
+            .values(
+                study_name=study_name, slot=free[0], worker_id=worker_id, state=ClaimState.RUNNING
+            )
             .returning(claims.c.claim_id)
         ).scalar_one()
     return Claim(claim_id=claim_id, study_name=study_name, slot=free[0], worker_id=worker_id)
@@ -130,21 +152,23 @@ def heartbeat(engine: Engine, claim: Claim) -> bool:
     with engine.begin() as connection:
         updated = connection.execute(
             claims.update()
-            .where(claims.c.claim_id == claim.claim_id, claims.c.state == RUNNING)
+            .where(claims.c.claim_id == claim.claim_id, claims.c.state == ClaimState.RUNNING)
             .values(heartbeat_at=sa.func.now())
         )
     return updated.rowcount == 1
 
 
-def finish(engine: Engine, claim: Claim, state: str, failure_reason: str | None = None) -> bool:
+def finish(
+    engine: Engine, claim: Claim, state: ClaimState, failure_reason: str | None = None
+) -> bool:
     """End a running claim as ``complete`` or ``failed``; ``False`` when it was no longer
     running (another worker freed it as stale)."""
-    if state not in (COMPLETE, FAILED):
-        raise ValueError(f"a claim finishes as {COMPLETE!r} or {FAILED!r}, not {state!r}")
+    if state not in (ClaimState.COMPLETE, ClaimState.FAILED):
+        raise ValueError(f"a claim finishes as 'complete' or 'failed', not {state!r}")
     with engine.begin() as connection:
         updated = connection.execute(
             claims.update()
-            .where(claims.c.claim_id == claim.claim_id, claims.c.state == RUNNING)
+            .where(claims.c.claim_id == claim.claim_id, claims.c.state == ClaimState.RUNNING)
             .values(state=state, failure_reason=failure_reason, finished_at=sa.func.now())
         )
     return updated.rowcount == 1
@@ -178,16 +202,16 @@ def free_stale_claims(engine: Engine, study_name: str, grace_period: float) -> l
         stale = connection.execute(
             sa.select(claims).where(
                 claims.c.study_name == study_name,
-                claims.c.state == RUNNING,
+                claims.c.state == ClaimState.RUNNING,
                 claims.c.heartbeat_at < cutoff,
             )
         ).all()
         for row in stale:
             updated = connection.execute(
                 claims.update()
-                .where(claims.c.claim_id == row.claim_id, claims.c.state == RUNNING)
+                .where(claims.c.claim_id == row.claim_id, claims.c.state == ClaimState.RUNNING)
                 .values(
-                    state=FAILED,
+                    state=ClaimState.FAILED,
                     failure_reason=f"worker {row.worker_id} stopped heartbeating",
                     finished_at=sa.func.now(),
                 )
@@ -200,7 +224,7 @@ def free_stale_claims(engine: Engine, study_name: str, grace_period: float) -> l
 
 
 def claimed_trial_ids(
-    engine: Engine, study_name: str, states: tuple[str, ...] = (RUNNING,)
+    engine: Engine, study_name: str, states: tuple[ClaimState, ...] = (ClaimState.RUNNING,)
 ) -> set[int]:
     """Optuna trial ids of the study's claims in ``states`` (by default: running)."""
     with engine.connect() as connection:
@@ -220,6 +244,8 @@ def studies_with_running_claims(engine: Engine) -> set[str]:
     with engine.connect() as connection:
         return set(
             connection.execute(
-                sa.select(claims.c.study_name).where(claims.c.state == RUNNING).distinct()
+                sa.select(claims.c.study_name)
+                .where(claims.c.state == ClaimState.RUNNING)
+                .distinct()
             ).scalars()
         )

@@ -45,8 +45,7 @@ from typing import Any
 import optuna
 from pydantic import ValidationError
 
-from worker import claims
-from worker.claims import Claim
+from worker.claims import Claim, ClaimState
 from worker.datasets import set_data_roots
 from worker.devices import study_memory_bytes
 from worker.pruning import MOASHA
@@ -57,15 +56,7 @@ from worker.search_space import trial_params
 from worker.spec import StudySpec
 from worker.storage import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from worker.store import StudyStore
-from worker.studies import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    RUNNING,
-    SPEC_ATTR,
-    experiment_name,
-    load_spec,
-)
+from worker.studies import SPEC_ATTR, StudyStatus, experiment_name, load_spec
 from worker.tracking import (
     TRIAL_NUMBER_TAG,
     TrackingConfig,
@@ -73,7 +64,7 @@ from worker.tracking import (
     end_abandoned_runs,
     end_orphaned_runs,
 )
-from worker.trial import TrialResult, run_trial
+from worker.trial import TrialOutcome, TrialResult, run_trial
 
 logger = logging.getLogger("liptune.worker")
 
@@ -227,7 +218,7 @@ class Worker:
             if counts.failed > failure_budget(spec):
                 self._set_status(
                     name,
-                    FAILED,
+                    StudyStatus.FAILED,
                     f"{counts.failed} trials failed, more than the study allows "
                     f"({failure_budget(spec)}); see the trials' liptune.failure_reason",
                 )
@@ -237,7 +228,7 @@ class Worker:
             claim = self.store.claim(name, n_trials=spec.n_trials, worker_id=self.options.worker_id)
             if claim is None:
                 if counts.complete >= spec.n_trials:
-                    self._set_status(name, COMPLETED)
+                    self._set_status(name, StudyStatus.COMPLETED)
                 continue
             self._run_claim(study_id, spec, claim)
             self.trials_run += 1
@@ -298,7 +289,7 @@ class Worker:
                 trial = self.store.ask(study)
             except Exception as error:  # the slot is freed; the failure budget bounds retries
                 logger.exception("asking %s for a trial failed", claim.study_name)
-                self.store.finish_claim(claim, claims.FAILED, f"ask failed: {error!r}")
+                self.store.finish_claim(claim, ClaimState.FAILED, f"ask failed: {error!r}")
                 return
             trial_id = self.store.attach(claim, trial)
             beat.attach(trial_id)
@@ -390,7 +381,7 @@ class Worker:
 
     def _should_stop(self, study: optuna.Study) -> Callable[[], bool]:
         last_check = -math.inf
-        status = RUNNING
+        status = StudyStatus.RUNNING
 
         def should_stop() -> bool:
             nonlocal last_check, status
@@ -399,7 +390,7 @@ class Worker:
             if time.monotonic() - last_check >= STATUS_CHECK_INTERVAL_S:
                 status = self.store.study_status(study.study_name)
                 last_check = time.monotonic()
-            return status != RUNNING
+            return status != StudyStatus.RUNNING
 
         return should_stop
 
@@ -412,20 +403,23 @@ class Worker:
         result: TrialResult,
     ) -> None:
         self.store.write_record(self.store.trial_id(trial), _result_record(result))
-        if result.status == "cancelled":
+        if result.status == TrialOutcome.CANCELLED:
             status = self.store.study_status(study.study_name)
-            if status == RUNNING:
+            if status == StudyStatus.RUNNING:
                 # Stopped by this worker's shutdown: the configuration is still wanted.
                 self._fail(study, trial, claim, WORKER_STOPPED)
                 self._retry(study, spec, self.store.get_trial(self.store.trial_id(trial)))
             else:
                 self._fail(
-                    study, trial, claim, CANCELLED if status == CANCELLED else f"study {status}"
+                    study,
+                    trial,
+                    claim,
+                    "cancelled" if status == StudyStatus.CANCELLED else f"study {status}",
                 )
             return
-        if result.status == "pruned":
+        if result.status == TrialOutcome.PRUNED:
             # A pruned trial used its slot: the claim completes, the budget stays exact.
-            if not self.store.finish_claim(claim, claims.COMPLETE):
+            if not self.store.finish_claim(claim, ClaimState.COMPLETE):
                 self._fail(study, trial, claim, "its claim was freed as stale by another worker")
                 return
             record = TrialRecord(pruned_at_epoch=result.pruned_at_epoch)
@@ -437,9 +431,9 @@ class Worker:
                     result.pruned_at_epoch,
                 )
             if self.store.claim_counts(claim.study_name).complete >= spec.n_trials:
-                self._set_status(claim.study_name, COMPLETED)
+                self._set_status(claim.study_name, StudyStatus.COMPLETED)
             return
-        if result.status != "completed":
+        if result.status != TrialOutcome.COMPLETED:
             self._fail(study, trial, claim, result.failure_reason or result.status)
             return
         needed = [item.key for item in (*spec.objectives, *spec.requirements)]
@@ -458,7 +452,7 @@ class Worker:
                 trial, f"{requirement.key}{bound}", requirement.violation(value)
             )
         # The claim decides: a trial whose claim was freed as stale meanwhile does not count.
-        if not self.store.finish_claim(claim, claims.COMPLETE):
+        if not self.store.finish_claim(claim, ClaimState.COMPLETE):
             self._fail(study, trial, claim, "its claim was freed as stale by another worker")
             return
         values = [result.metrics[objective.key] for objective in spec.objectives]
@@ -475,7 +469,7 @@ class Worker:
         else:
             logger.warning("trial %d was finished by another worker", trial.number)
         if self.store.claim_counts(claim.study_name).complete >= spec.n_trials:
-            self._set_status(claim.study_name, COMPLETED)
+            self._set_status(claim.study_name, StudyStatus.COMPLETED)
 
     def _fail(
         self,
@@ -486,7 +480,7 @@ class Worker:
         details: str | None = None,
     ) -> None:
         logger.info("%s trial %d failed: %s", study.study_name, trial.number, reason)
-        self.store.finish_claim(claim, claims.FAILED, reason)
+        self.store.finish_claim(claim, ClaimState.FAILED, reason)
         # False when another worker already failed it as stale.
         self.store.fail(study, trial, TrialRecord(failure_reason=reason, failure_details=details))
 
@@ -538,17 +532,19 @@ class Worker:
         retry = TrialRecord(retry_of=trial.number, retries=retries + 1)
         self.store.enqueue(study, params, retry.user_attrs("retry_of", "retries"))
 
-    def _set_status(self, study_name: str, status: str, reason: str | None = None) -> None:
-        if self.store.study_status(study_name) != RUNNING:
+    def _set_status(self, study_name: str, status: StudyStatus, reason: str | None = None) -> None:
+        if self.store.study_status(study_name) != StudyStatus.RUNNING:
             return
         study = self.store.load_study(study_name)
         self.store.set_status(study, status, reason)
-        if status == COMPLETED:
+        if status == StudyStatus.COMPLETED:
             # Every slot is complete, so no claim is running: a RUNNING trial no claim knows
             # belongs to a worker that died between asking Optuna and recording the trial on its
             # claim. A trial on a complete claim is being told by its worker right now (the claim
             # completes first), so it is left alone.
-            claimed = self.store.claimed_trial_ids(study_name, (claims.RUNNING, claims.COMPLETE))
+            claimed = self.store.claimed_trial_ids(
+                study_name, (ClaimState.RUNNING, ClaimState.COMPLETE)
+            )
             for trial_id in self.store.running_trial_ids(study):
                 if trial_id not in claimed:
                     self._fail_stale_trial(study, None, trial_id, "no worker holds it")

@@ -7,7 +7,8 @@ that reached the same rung, itself included:
 
 1. feasible trials (every requirement met on the validation split) before infeasible ones; the
    infeasible are ordered by their total violation;
-2. the feasible by non-dominated sorting (front 0 first, directions respected);
+2. the feasible by non-dominated sorting (front 0 first, directions respected; NaN counts worst:
+   :mod:`worker.front`, which the API's Pareto fronts use too);
 3. inside a front by crowding distance, largest first; equal vectors by trial number.
 
 The trial continues only if its place is among the first ``ceil(n / reduction_factor)`` of the
@@ -34,12 +35,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from worker.front import Direction, as_losses, non_dominated_fronts
 from worker.spec import Objective, PrunerSpec, Requirement, StudySpec
-
-#: A direction per objective, Optuna's spelling.
-Direction = str
 
 
 def rungs(min_epochs: int, reduction_factor: int, epochs: int) -> list[int]:
@@ -68,35 +65,6 @@ class RungResult:
         return self.violation <= 0.0
 
 
-def _gains(values: Sequence[float], directions: Sequence[Direction]) -> tuple[float, ...]:
-    """The values turned so that larger is better in every objective (NaN counts worst)."""
-    gains = []
-    for value, direction in zip(values, directions, strict=True):
-        gain = value if direction == "maximize" else -value
-        gains.append(-math.inf if math.isnan(gain) else gain)
-    return tuple(gains)
-
-
-def non_dominated_fronts(points: Sequence[Sequence[float]]) -> list[list[int]]:
-    """Indices of ``points`` (maximised in every coordinate) grouped into fronts, front 0 being
-    the non-dominated points: the (n, n) dominance matrix, then peeling. O(n^2 m) memory and
-    time, fine for the trials of a study's rung."""
-    if len(points) == 0:
-        return []
-    p = np.asarray(points, dtype=np.float64)
-    # dominates[i, j]: i is >= j everywhere and > j somewhere
-    dominates = (p[:, None, :] >= p[None, :, :]).all(-1) & (p[:, None, :] > p[None, :, :]).any(-1)
-    dominated_by = dominates.sum(0)
-    remaining = np.ones(len(p), dtype=bool)
-    fronts = []
-    while remaining.any():
-        current = np.flatnonzero(remaining & (dominated_by == 0))
-        fronts.append(current.tolist())
-        remaining[current] = False
-        dominated_by = dominated_by - dominates[current].sum(0)
-    return fronts
-
-
 def crowding_distance(points: Sequence[Sequence[float]]) -> list[float]:
     """NSGA-II's crowding distance of each point of one front: the sum over objectives of the
     gap between its two neighbours, divided by the objective's range (infinite at both ends of
@@ -123,9 +91,12 @@ def rank(results: Sequence[RungResult], directions: Sequence[Direction]) -> list
     infeasible = sorted(
         (r for r in results if not r.feasible), key=lambda r: (r.violation, r.trial)
     )
-    gains = [_gains(r.values, directions) for r in feasible]
+    points = as_losses([r.values for r in feasible], directions)
+    # Crowding distance on the values turned larger-is-better, as ever: among equal values,
+    # which point is an end of the front depends on the direction of its sort.
+    gains = [tuple(row) for row in (-points).tolist()]
     ordered: list[RungResult] = []
-    for front in non_dominated_fronts(gains):
+    for front in non_dominated_fronts(points):
         distance = crowding_distance([gains[i] for i in front])
         by_place = sorted(range(len(front)), key=lambda k: (-distance[k], feasible[front[k]].trial))
         ordered.extend(feasible[front[k]] for k in by_place)

@@ -1,13 +1,15 @@
 """Riding out store outages: retry a storage operation with back-off while the database is away.
 
 A worker's loop is a sequence of storage operations (claim, attach, heartbeat, tell, status
-polls, ...), each one method of :class:`worker.store.StudyStore`. :func:`retrying` wraps every
-such method of a store: when a call fails because the database cannot be reached (a refused or
-dropped connection, SQLite's lock timeout; :func:`store_unreachable`), it is logged and tried
-again after a back-off doubling from :attr:`RetryPolicy.initial_s` to :attr:`RetryPolicy.max_s`,
-until :attr:`RetryPolicy.deadline_s` has passed; then the error is raised. Any other error is
-raised at once (a bug is not an outage). So a PostgreSQL restart of a few seconds delays a trial
-but loses nothing: its result is told when the store is back.
+polls, ...), each one method of :class:`worker.store.StudyStore` marked :func:`retried`.
+:func:`retrying` gives a store a policy under which every such method runs: when a call fails
+because the database cannot be reached (a refused or dropped connection, SQLite's lock timeout;
+:func:`store_unreachable`), it is logged and tried again after a back-off doubling from
+:attr:`RetryPolicy.initial_s` to :attr:`RetryPolicy.max_s`, until :attr:`RetryPolicy.deadline_s`
+has passed; then the error is raised. Any other error is raised at once (a bug is not an
+outage). So a PostgreSQL restart of a few seconds delays a trial but loses nothing: its result
+is told when the store is back. :mod:`worker.tracking` rides out MLflow outages with the same
+:class:`RetryPolicy`, its own predicate and give-up exception.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import optuna
 import sqlalchemy.exc
 
 logger = logging.getLogger("liptune.worker")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def store_unreachable(error: BaseException | None) -> bool:
@@ -51,79 +54,92 @@ def store_unreachable(error: BaseException | None) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Back-off doubling from ``initial_s`` to ``max_s``; give up after ``deadline_s``."""
+    """Back-off doubling from ``initial_s`` to ``max_s`` while ``transient(error)`` holds; the
+    last wait ends at ``deadline_s``, and an error after it is given up on: raised as it is, or,
+    with ``give_up``, as that exception (chained from it). Errors that are not ``transient``
+    are raised at once. Each wait is logged to ``log``, naming ``what`` was unreachable.
+
+    The default is the study store's: :func:`store_unreachable`, errors raised as they are;
+    :mod:`worker.tracking` rides out MLflow outages with its own predicate and exception.
+    """
 
     initial_s: float = 0.5
     max_s: float = 10.0
     deadline_s: float = 600.0
+    transient: Callable[[BaseException], bool] = store_unreachable
+    what: str = "store"
+    give_up: Callable[[str], Exception] | None = None
+    log: logging.Logger = logger
 
-    def call(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``operation(*args, **kwargs)``, retried while the store is unreachable."""
+    def call(self, operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``operation(*args, **kwargs)``, retried while its errors are ``transient``."""
         deadline = time.monotonic() + self.deadline_s
         delay = self.initial_s
+        name = getattr(operation, "__name__", "a storage operation")
         attempt = 1
         while True:
             try:
                 return operation(*args, **kwargs)
             except Exception as error:
-                if not store_unreachable(error) or time.monotonic() + delay > deadline:
+                if not self.transient(error):
                     raise
-                logger.warning(
-                    "store unreachable in %s (attempt %d), retrying in %.1f s: %s",
-                    getattr(operation, "__name__", "a storage operation"),
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self.give_up is None:
+                        raise
+                    raise self.give_up(
+                        f"{self.what} unreachable for {self.deadline_s:g} s ({name}): "
+                        f"{type(error).__name__}"
+                    ) from error
+                wait = min(delay, left)
+                self.log.warning(
+                    f"{self.what} unreachable in %s (attempt %d), retrying in %.3g s: %s: %s",
+                    name,
                     attempt,
-                    delay,
-                    str(error).splitlines()[0],
+                    wait,
+                    type(error).__name__,
+                    next(iter(str(error).splitlines()), ""),
                 )
-            time.sleep(delay)
+            time.sleep(wait)
             delay = min(self.max_s, 2 * delay)
             attempt += 1
 
+    def wrap(self, operation: Callable[P, T]) -> Callable[P, T]:
+        """``operation`` retried under this policy (a decorator)."""
 
-#: The store's operations that :func:`retrying` wraps (every method that reads or writes it).
-STORE_OPERATIONS = (
-    "require_schema",
-    "load_study",
-    "running_studies",
-    "liptune_studies",
-    "optuna_study_id",
-    "study_status",
-    "study_status_by_id",
-    "claim",
-    "attach",
-    "heartbeat",
-    "finish_claim",
-    "claim_counts",
-    "free_stale_claims",
-    "claimed_trial_ids",
-    "studies_with_running_claims",
-    "heartbeat_ages",
-    "get_trial",
-    "ask",
-    "suggest",
-    "write_record",
-    "report",
-    "set_constraint",
-    "enqueue",
-    "set_status",
-    "tell",
-    "prune",
-    "epoch_records",
-    "fail",
-    "fail_trial_id",
-    "running_trial_ids",
-    "trials_since",
-    "trial_state_counts",
-)
+        @functools.wraps(operation)
+        def retried(*args: P.args, **kwargs: P.kwargs) -> T:
+            return self.call(operation, *args, **kwargs)
+
+        return retried
 
 
-def retrying(store: T, policy: RetryPolicy | None = None) -> T:
-    """``store`` with each of its :data:`STORE_OPERATIONS` retried under ``policy`` (the
-    instance's methods are replaced; the object stays the same)."""
-    policy = policy or RetryPolicy()
-    for name in STORE_OPERATIONS:
-        method = getattr(store, name, None)
-        if method is None:
-            continue
-        setattr(store, name, functools.wraps(method)(functools.partial(policy.call, method)))
+class _Retriable(Protocol):
+    #: Set by :func:`retrying`; ``None``: each :func:`retried` method is called once.
+    retry_policy: RetryPolicy | None
+
+
+S = TypeVar("S", bound=_Retriable)
+
+
+def retried(method: Callable[Concatenate[S, P], T]) -> Callable[Concatenate[S, P], T]:
+    """Mark a store method as a storage operation: called under the instance's
+    ``retry_policy`` when :func:`retrying` gave it one, once otherwise. Its signature is kept
+    for the type checker; a method without it is never retried."""
+
+    @functools.wraps(method)
+    def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        policy = self.retry_policy
+        if policy is None:
+            return method(self, *args, **kwargs)
+        return policy.call(method, self, *args, **kwargs)
+
+    call.retried = True  # type: ignore[attr-defined]
+    return call
+
+
+def retrying(store: S, policy: RetryPolicy | None = None) -> S:
+    """``store`` with each of its :func:`retried` methods retried under ``policy`` (default
+    :class:`RetryPolicy`); the object stays the same."""
+    store.retry_policy = policy or RetryPolicy()
     return store

@@ -8,7 +8,8 @@ storage and the claims engine always use the same installed driver.
 
 Each storage operation of the worker loop is one method (:meth:`claim`, :meth:`attach`,
 :meth:`heartbeat`, :meth:`finish_claim`, :meth:`tell`, :meth:`fail`, :meth:`study_status`, ...),
-so a retry policy can wrap each one on its own.
+marked :func:`worker.retry.retried`, so a retry policy (:func:`worker.retry.retrying`) runs each
+one on its own.
 
 Why not Optuna's ``fail_stale_trials`` with ``RetryFailedTrialCallback``: the budget is held by
 the claims, not by Optuna's trials. ``fail_stale_trials`` fails a trial from its Optuna
@@ -35,8 +36,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from worker import claims
-from worker.claims import Claim, ClaimCounts, StaleClaim
+from worker.claims import Claim, ClaimCounts, ClaimState, StaleClaim
 from worker.record import TrialRecord
+from worker.retry import RetryPolicy, retried
 from worker.search_space import enqueue, suggest_params
 from worker.spec import SearchSpace
 from worker.storage import (
@@ -48,9 +50,9 @@ from worker.storage import (
 )
 from worker.studies import (
     ID_ATTR,
-    RUNNING,
     STATUS_ATTR,
     STUDY_PREFIX,
+    StudyStatus,
     optuna_study_name,
     running_studies,
     set_status,
@@ -81,7 +83,10 @@ class StudyStore:
             self.url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
         )
         self.engine = transaction_engine(self.url)
+        #: Set by :func:`worker.retry.retrying` (the worker loop's store rides out outages).
+        self.retry_policy: RetryPolicy | None = None
 
+    @retried
     def require_schema(self) -> None:
         """Raise :class:`SchemaMissing` unless the claims table exists (the service's Alembic
         history creates it: ``liptune worker``, ``liptune serve`` and the API migrate at start)."""
@@ -94,15 +99,18 @@ class StudyStore:
 
     # ------------------------------------------------------------------ studies
 
+    @retried
     def load_study(
         self, study_name: str, sampler: optuna.samplers.BaseSampler | None = None
     ) -> optuna.Study:
         return optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler)
 
+    @retried
     def running_studies(self) -> list[tuple[str, Any]]:
         """``(study_id, frozen study)`` of every running liptune study, oldest first."""
         return running_studies(self.storage)
 
+    @retried
     def liptune_studies(self) -> list[Any]:
         """Every liptune study, as Optuna's frozen studies (no trials read)."""
         return [
@@ -111,17 +119,21 @@ class StudyStore:
             if study.study_name.startswith(STUDY_PREFIX) and ID_ATTR in study.user_attrs
         ]
 
+    @retried
     def optuna_study_id(self, study_id: str) -> int:
         """Optuna's id of the service's study ``study_id``; ``KeyError`` when there is none."""
         return self.storage.get_study_id_from_name(optuna_study_name(study_id))
 
-    def study_status(self, study_name: str) -> str:
+    @retried
+    def study_status(self, study_name: str) -> StudyStatus:
         """The status of a study (one read of its user attributes): the status poll."""
         study_id = self.storage.get_study_id_from_name(study_name)
-        return self.storage.get_study_user_attrs(study_id).get(STATUS_ATTR, RUNNING)
+        return StudyStatus(self.storage.get_study_user_attrs(study_id).get(STATUS_ATTR, "running"))
 
-    def study_status_by_id(self, optuna_study_id: int) -> str:
-        return self.storage.get_study_user_attrs(optuna_study_id).get(STATUS_ATTR, RUNNING)
+    @retried
+    def study_status_by_id(self, optuna_study_id: int) -> StudyStatus:
+        attrs = self.storage.get_study_user_attrs(optuna_study_id)
+        return StudyStatus(attrs.get(STATUS_ATTR, "running"))
 
     @staticmethod
     def frozen_study_id(frozen_study: Any) -> int:
@@ -131,10 +143,12 @@ class StudyStore:
 
     # ------------------------------------------------------------------ claims
 
+    @retried
     def claim(self, study_name: str, *, n_trials: int, worker_id: str) -> Claim | None:
         """Claim a free slot of the study's budget; ``None`` when none is free."""
         return claims.claim_slot(self.engine, study_name, n_trials=n_trials, worker_id=worker_id)
 
+    @retried
     def attach(self, claim: Claim, trial: optuna.Trial | FrozenTrial) -> int:
         """Note which Optuna trial ``claim`` runs and record its first heartbeat; returns the
         trial's storage id."""
@@ -143,6 +157,7 @@ class StudyStore:
         self.storage.record_heartbeat(trial_id)
         return trial_id
 
+    @retried
     def heartbeat(self, claim: Claim, trial_id: int | None) -> bool:
         """Mark the claim (and its trial, once attached) alive; ``False`` when the claim was
         freed as stale by another worker."""
@@ -151,23 +166,31 @@ class StudyStore:
             self.storage.record_heartbeat(trial_id)
         return alive
 
-    def finish_claim(self, claim: Claim, state: str, failure_reason: str | None = None) -> bool:
+    @retried
+    def finish_claim(
+        self, claim: Claim, state: ClaimState, failure_reason: str | None = None
+    ) -> bool:
         return claims.finish(self.engine, claim, state, failure_reason)
 
+    @retried
     def claim_counts(self, study_name: str) -> ClaimCounts:
         return claims.counts(self.engine, study_name)
 
+    @retried
     def free_stale_claims(self, study_name: str, grace_period: float) -> list[StaleClaim]:
         return claims.free_stale_claims(self.engine, study_name, grace_period)
 
+    @retried
     def claimed_trial_ids(
-        self, study_name: str, states: tuple[str, ...] = (claims.RUNNING,)
+        self, study_name: str, states: tuple[ClaimState, ...] = (ClaimState.RUNNING,)
     ) -> set[int]:
         return claims.claimed_trial_ids(self.engine, study_name, states)
 
+    @retried
     def studies_with_running_claims(self) -> set[str]:
         return claims.studies_with_running_claims(self.engine)
 
+    @retried
     def heartbeat_ages(self) -> list[tuple[str, float]]:
         """``(worker id, seconds since its last heartbeat)`` of each worker with a running
         claim, in database time; empty before any worker ran."""
@@ -178,7 +201,7 @@ class StudyStore:
             now = _as_datetime(connection.execute(sa.select(sa.func.now())).scalar_one())
             rows = connection.execute(
                 sa.select(table.c.worker_id, sa.func.max(table.c.heartbeat_at))
-                .where(table.c.state == claims.RUNNING)
+                .where(table.c.state == ClaimState.RUNNING)
                 .group_by(table.c.worker_id)
             ).all()
         return [
@@ -194,14 +217,17 @@ class StudyStore:
         # get_trial_id_from_study_id_trial_number would cost a query per trial.
         return trial._trial_id
 
+    @retried
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self.storage.get_trial(trial_id)
 
+    @retried
     def write_record(self, trial_id: int, record: TrialRecord, *names: str) -> None:
         """Store fields of ``record`` (see :meth:`TrialRecord.write`) on the trial ``trial_id``."""
         for key, value in record.user_attrs(*names).items():
             self.storage.set_trial_user_attr(trial_id, key, value)
 
+    @retried
     def ask(self, study: optuna.Study) -> optuna.Trial:
         """A new RUNNING trial of ``study`` (an enqueued one first), sampled by its sampler.
 
@@ -212,29 +238,37 @@ class StudyStore:
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             return study.ask()
 
+    @retried
     def suggest(self, trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
         """The trial's parameters from ``space`` (:func:`suggest_params`). Retried, the parameters
         already written come back as they were (Optuna returns a trial's known parameter)."""
         return suggest_params(trial, space)
 
+    @retried
     def report(self, trial: optuna.Trial, value: float, step: int) -> None:
         """Optuna's intermediate value of ``trial`` at ``step`` (what optuna-dashboard draws)."""
         trial.report(value, step=step)
 
+    @retried
     def set_constraint(self, trial: optuna.Trial, key: str, value: float) -> None:
         """A requirement's violation (feasible when <= 0), recorded before the tell."""
         trial.set_constraint(key, value)
 
+    @retried
     def enqueue(
         self, study: optuna.Study, params: dict[str, Any], user_attrs: dict[str, Any]
     ) -> None:
         """A trial with fixed ``params`` waiting in ``study`` (see :func:`enqueue`)."""
         enqueue(study, params, user_attrs)
 
-    def set_status(self, study: optuna.Study, status: str, reason: str | None = None) -> None:
+    @retried
+    def set_status(
+        self, study: optuna.Study, status: StudyStatus, reason: str | None = None
+    ) -> None:
         """Set a study's status (and the ``reason`` of a failure)."""
         set_status(study, status, reason)
 
+    @retried
     def tell(self, study: optuna.Study, trial: optuna.Trial, values: Sequence[float]) -> bool:
         """Complete ``trial`` with ``values``; ``False`` when another worker finished it."""
         try:
@@ -243,12 +277,14 @@ class StudyStore:
             return False
         return True
 
+    @retried
     def prune(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
         """Store ``record``'s set fields (its epochs, ``pruned_at_epoch``) and end ``trial`` as
         PRUNED (Optuna 5 takes no values for a pruned trial: they live in the record);
         ``False`` when it was already finished."""
         return _end(study, trial, record, TrialState.PRUNED)
 
+    @retried
     def epoch_records(self, study: optuna.Study) -> list[tuple[int, list[dict[str, Any]]]]:
         """``(trial number, stored epoch records)`` of every trial of ``study`` as committed,
         whatever its state: what a pruner ranks a rung against. Optuna's cached storage reads
@@ -258,11 +294,13 @@ class StudyStore:
             for trial in study.get_trials(deepcopy=False)
         ]
 
+    @retried
     def fail(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
         """Store ``record``'s set fields (the failure reason) and end ``trial`` as FAIL;
         ``False`` when it was already finished."""
         return _end(study, trial, record, TrialState.FAIL)
 
+    @retried
     def fail_trial_id(self, trial_id: int, record: TrialRecord) -> bool:
         """Fail another worker's RUNNING trial by id, storing ``record``'s set fields first;
         ``False`` when it is not running any more."""
@@ -274,11 +312,13 @@ class StudyStore:
         except UpdateFinishedTrialError:
             return False
 
+    @retried
     def running_trial_ids(self, study: optuna.Study) -> dict[int, FrozenTrial]:
         """The study's RUNNING trials by storage id."""
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return {self.trial_id(trial): trial for trial in running}
 
+    @retried
     def trials_since(
         self, optuna_study_id: int, trial_ids: Iterable[int], max_trial_id: int
     ) -> list[tuple[int, FrozenTrial]]:
@@ -297,6 +337,7 @@ class StudyStore:
         )
         return [(self.trial_id(trial), trial) for trial in fresh]
 
+    @retried
     def trial_state_counts(self, optuna_study_ids: Iterable[int]) -> list[tuple[int, str, int]]:
         """``(optuna study id, state name, count)`` over the given studies: one grouped query.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import warnings
+from enum import StrEnum
 from typing import Any, Protocol
 
 import optuna
@@ -38,11 +39,18 @@ STATUS_ATTR = "liptune.status"
 CREATED_AT_ATTR = "liptune.created_at"
 FAILURE_REASON_ATTR = "liptune.failure_reason"
 
-RUNNING = "running"
-COMPLETED = "completed"
-CANCELLED = "cancelled"
-FAILED = "failed"
-STATUSES = (RUNNING, COMPLETED, CANCELLED, FAILED)
+
+class StudyStatus(StrEnum):
+    """The status of a study, stored as its value in the attribute ``liptune.status``."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+#: The statuses' values, in order (the API's schema lists them).
+STATUSES: tuple[str, ...] = tuple(status.value for status in StudyStatus)
 
 #: Trial user attribute of an enqueued baseline: its index in ``spec.baselines``.
 BASELINE_ATTR = "liptune.baseline"
@@ -100,7 +108,7 @@ def create_study(storage: Storage, spec: StudySpec, study_id: str) -> optuna.Stu
     for index, params in enumerate(spec.baselines):
         enqueue(study, params, {BASELINE_ATTR: index})
     # Last: workers take only running studies, and only a complete one may be seen running.
-    study.set_user_attr(STATUS_ATTR, RUNNING)
+    study.set_user_attr(STATUS_ATTR, StudyStatus.RUNNING.value)
     return study
 
 
@@ -121,24 +129,24 @@ def load_spec(study: FrozenStudy) -> StudySpec:
     return StudySpec.model_validate(data)
 
 
-def study_status(study: FrozenStudy) -> str:
+def study_status(study: FrozenStudy) -> StudyStatus:
     """``running``, ``completed``, ``cancelled`` or ``failed``."""
-    return study.user_attrs[STATUS_ATTR]
+    return StudyStatus(study.user_attrs[STATUS_ATTR])
 
 
-def set_status(study: optuna.Study, status: str, reason: str | None = None) -> None:
+def set_status(study: optuna.Study, status: StudyStatus, reason: str | None = None) -> None:
     """Set a study's status, with the ``reason`` of a failure."""
     if status not in STATUSES:
         raise ValueError(f"unknown study status {status!r}; one of {STATUSES}")
     if reason is not None:
         study.set_user_attr(FAILURE_REASON_ATTR, reason)
-    study.set_user_attr(STATUS_ATTR, status)
+    study.set_user_attr(STATUS_ATTR, StudyStatus(status).value)
 
 
 def cancel_study(storage: Storage, study_id: str) -> None:
     """Stop a study: no worker starts another of its trials, and running ones stop between two
     epochs and end as FAIL with the failure reason ``cancelled``."""
-    set_status(load_study(storage, study_id), CANCELLED)
+    set_status(load_study(storage, study_id), StudyStatus.CANCELLED)
 
 
 def extend_study(storage: Storage, study_id: str, extra_trials: int) -> StudySpec:
@@ -150,7 +158,7 @@ def extend_study(storage: Storage, study_id: str, extra_trials: int) -> StudySpe
     data: dict[str, Any] = study.user_attrs[SPEC_ATTR]
     spec = StudySpec.model_validate({**data, "n_trials": data["n_trials"] + extra_trials})
     study.set_user_attr(SPEC_ATTR, json.loads(spec.model_dump_json()))
-    set_status(study, RUNNING)
+    set_status(study, StudyStatus.RUNNING)
     return spec
 
 
@@ -165,7 +173,7 @@ def running_studies(storage: Storage) -> list[tuple[str, FrozenStudy]]:
         study
         for study in studies
         if study.study_name.startswith(STUDY_PREFIX)
-        and study.user_attrs.get(STATUS_ATTR) == RUNNING
+        and study.user_attrs.get(STATUS_ATTR) == StudyStatus.RUNNING
     ]
     running.sort(key=lambda study: (study.user_attrs.get(CREATED_AT_ATTR, ""), study.study_name))
     return [(study.user_attrs[ID_ATTR], study) for study in running]

@@ -25,22 +25,20 @@ are stated (inferring them starts a subprocess) and system metrics are off.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.client
 import importlib.util
-import itertools
 import logging
 import os
 import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,11 +63,11 @@ from sqlalchemy.engine import make_url
 import liptune
 from liptune.serving import LOADER_MODULE, Certificate
 from worker.paths import default_artifact_root, default_tracking_uri
+from worker.retry import RetryPolicy
 from worker.storage import resolve_url, schema_lock
 from worker.store import using_tracking_uri
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -144,7 +142,6 @@ class TrackingUnavailable(RuntimeError):
 
 #: How long one tracking call waits for an unreachable MLflow before the trial fails.
 RETRY_BUDGET_S = float(os.environ.get("LIPTUNE_MLFLOW_RETRY_S", "120"))
-_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0)
 
 
 def mlflow_unreachable(error: BaseException) -> bool:
@@ -180,35 +177,17 @@ _UNREACHABLE_MARKERS = (
 )
 
 
-def _retrying(call: Callable[..., T]) -> Callable[..., T]:
-    """``call`` retried with back-off while MLflow is unreachable, each wait logged; after
-    :data:`RETRY_BUDGET_S` it raises :class:`TrackingUnavailable` (other errors pass through)."""
-
-    @functools.wraps(call)
-    def retried(*args: Any, **kwargs: Any) -> T:
-        deadline = time.monotonic() + RETRY_BUDGET_S
-        for attempt in itertools.count():
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:
-                if not mlflow_unreachable(error):
-                    raise
-                left = deadline - time.monotonic()
-                delay = min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)], left)
-                if left <= 0:
-                    raise TrackingUnavailable(
-                        f"MLflow unreachable for {RETRY_BUDGET_S:g} s ({call.__name__}): "
-                        f"{type(error).__name__}"
-                    ) from error
-                logger.warning(
-                    "MLflow unreachable in %s (%s); retrying in %.3g s",
-                    call.__name__,
-                    type(error).__name__,
-                    delay,
-                )
-                time.sleep(delay)
-
-    return retried
+#: Every tracking call rides out an unreachable MLflow: waits of 1, 2, 4, 8, then 15 s, each logged,
+#: for :data:`RETRY_BUDGET_S`; then :class:`TrackingUnavailable` (other errors pass through).
+_retrying = RetryPolicy(
+    initial_s=1.0,
+    max_s=15.0,
+    deadline_s=RETRY_BUDGET_S,
+    transient=mlflow_unreachable,
+    what="MLflow",
+    give_up=TrackingUnavailable,
+    log=logger,
+).wrap
 
 
 @lru_cache(maxsize=8)

@@ -37,8 +37,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -78,7 +78,14 @@ FAILURE_TAG = tracking.FAILURE_TAG
 _init_lock = threading.Lock()
 _threads_lock = threading.Lock()
 
-Status = Literal["completed", "failed", "cancelled", "pruned"]
+
+class TrialOutcome(StrEnum):
+    """How :func:`run_trial` ended (the MLflow tag ``liptune.status`` holds its value)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PRUNED = "pruned"
 
 
 @dataclass
@@ -95,7 +102,7 @@ class TrialResult:
     classified test points with a minimal-norm attack (violations must be 0).
     """
 
-    status: Status
+    status: TrialOutcome
     metrics: dict[str, float] = field(default_factory=dict)
     epochs: list[dict[str, float]] = field(default_factory=list)
     radii: RadiiSummary | None = None
@@ -169,14 +176,17 @@ def run_trial(
                     on_progress=on_progress,
                 )
             result = TrialResult(
-                status="completed", epochs=run.epochs, certificate_mode=mode, timings=timings
+                status=TrialOutcome.COMPLETED,
+                epochs=run.epochs,
+                certificate_mode=mode,
+                timings=timings,
             )
             if run.failure_reason is not None:
-                result.status, result.failure_reason = "failed", run.failure_reason
+                result.status, result.failure_reason = TrialOutcome.FAILED, run.failure_reason
             elif run.cancelled:
-                result.status = "cancelled"
+                result.status = TrialOutcome.CANCELLED
             elif run.pruned_at_epoch is not None:
-                result.status, result.pruned_at_epoch = "pruned", run.pruned_at_epoch
+                result.status, result.pruned_at_epoch = TrialOutcome.PRUNED, run.pruned_at_epoch
             else:
                 with full_precision():
                     test = _finish(result, model, splits, spec, run, torch_device)
@@ -199,7 +209,7 @@ def run_trial(
         # Leaving the handler drops the traceback's frames, and with them what the trial had
         # allocated: the worker goes on to its next trial.
         return TrialResult(
-            status="failed",
+            status=TrialOutcome.FAILED,
             failure_reason=out_of_memory_reason(spec, device or spec.training.device, error),
             timings=timings,
         )
@@ -245,7 +255,7 @@ def _finish(
     with _timed(timings, "lipschitz_bound"):
         bound, estimate = head_constants(exported, splits.input_shape, result.certificate_mode)
     if not bound <= 1.0 + LIPSCHITZ_TOLERANCE:
-        result.status = "failed"
+        result.status = TrialOutcome.FAILED
         result.failure_reason = (
             f"the guaranteed Lipschitz bound of the exported model's {result.certificate_mode} "
             f"head is {bound:.6f} > 1 + {LIPSCHITZ_TOLERANCE:g}: its layers' constraints did not "
@@ -348,7 +358,7 @@ def _record(
         "liptune.loss_family": spec.loss.family,
         "liptune.dataset": spec.dataset.name,
         "liptune.certificate_mode": result.certificate_mode or "",
-        "liptune.status": result.status,
+        "liptune.status": str(result.status),
         **tags,
     }
     if result.failure_reason:
@@ -380,10 +390,10 @@ def _write_run(
     run_id: str,
 ) -> None:
     """Log the outcome to the started run ``run_id`` and end it."""
-    if result.status == "failed":
+    if result.status == TrialOutcome.FAILED:
         tracking.end_run(config, run_id, "FAILED")
         return
-    if result.status in ("cancelled", "pruned") or test is None:
+    if result.status in (TrialOutcome.CANCELLED, TrialOutcome.PRUNED) or test is None:
         tracking.log_metrics(config, run_id, {}, epochs=run.epochs, end_times=run.end_times)
         tracking.end_run(config, run_id, "KILLED")
         return

@@ -8,6 +8,8 @@ total padding along an axis exceeds ``k - 1`` repeats output rows (the padded im
 wrap-around twice), which can raise the norm above the bound: those paddings are refused.
 """
 
+from typing import Literal, cast
+
 from torch import Tensor, nn
 
 from liptune.nn._validation import check_input_dims, pair, positive_int
@@ -91,7 +93,7 @@ class ConstrainedConv2d(nn.Conv2d):
             kernel,
             stride=strides,
             padding=padding,
-            padding_mode=padding_mode,
+            padding_mode=cast(Literal["zeros", "circular"], padding_mode),  # checked above
             bias=bias,
         )
 

@@ -7,6 +7,7 @@ is an isometry (:math:`J^\top J = I`).
 """
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,7 @@ class _SortPairs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor) -> Tensor:
+    def forward(ctx: Any, input: Tensor) -> Tensor:
         out, first, second = _sort_pairs(input)
         swapped = torch.empty_like(first)
         torch.gt(first, second, out=swapped)
@@ -78,7 +79,7 @@ class _SortPairs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         (swapped,) = ctx.saved_tensors
         pairs = grad.reshape(grad.shape[0], grad.shape[1] // 2, 2, -1)
         low, high = pairs[:, :, 0], pairs[:, :, 1]

@@ -24,6 +24,8 @@ columns already are (e.g. at the orthogonal-centre-tap initialisation); Prach et
 (CVPR 2024) find it among the best certified accuracies per training hour.
 """
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -110,10 +112,11 @@ class AOLConv2d(ConstrainedConv2d):
 
     def reset_parameters(self) -> None:
         kh, kw = self.kernel_size
-        free = (
-            self.parametrizations.weight.original
+        free = cast(
+            Tensor,
+            cast(nn.ModuleDict, self.parametrizations)["weight"].original
             if parametrize.is_parametrized(self, "weight")
-            else self.weight
+            else self.weight,
         )
         with torch.no_grad():
             free.zero_()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,13 @@ class LogRange:
         value = torch.as_tensor(value, dtype=torch.get_default_dtype())
         return 2.0 * (torch.log(value) - self._log_low) / self._log_span - 1.0
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """``n`` values drawn log-uniformly from the range, ``(n,)``."""
         u = torch.rand(n, generator=generator, device=device)
         return torch.exp(self._log_low + self._log_span * u)
@@ -186,7 +193,9 @@ def _foldable(module: nn.Module) -> bool:
 
 
 def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return int(cast(nn.Conv2d, module).out_channels)
 
 
 class ConditionedSequential(LipschitzSequential):

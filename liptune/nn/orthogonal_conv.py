@@ -28,6 +28,8 @@ Cayley-based layers (Trockman & Kolter 2021) and SOC (Singla & Feizi 2021) are e
 pay an FFT or a Taylor series of convolutions on every activation, not just on the weights.
 """
 
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -156,8 +158,10 @@ class BCOPConv2d(ConstrainedConv2d):
         rank = max(1, channels // 2) if rank is None else positive_int("rank", rank)
         if rank > channels:
             raise ValueError(f"rank must be at most max(in, out) = {channels}, got {rank}")
-        parametrization = BlockOrthogonal(in_channels, out_channels, self.kernel_size, rank)
-        factory = {"dtype": self.weight.dtype, "device": self.weight.device}
+        parametrization = BlockOrthogonal(
+            in_channels, out_channels, cast(tuple[int, int], self.kernel_size), rank
+        )
+        factory: dict[str, Any] = {"dtype": self.weight.dtype, "device": self.weight.device}
         # The free parameter is a matrix, not a kernel: replace it before registering.
         del self.weight
         self.weight = nn.Parameter(torch.empty(parametrization.free_shape, **factory))
@@ -172,6 +176,8 @@ class BCOPConv2d(ConstrainedConv2d):
     def reset_parameters(self) -> None:
         # nn.Conv2d.__init__ calls this before the free matrix exists; it is drawn afterwards.
         if parametrize.is_parametrized(self, "weight"):
-            self._init_free(self.parametrizations.weight.original)
+            self._init_free(
+                cast(Tensor, cast(nn.ModuleDict, self.parametrizations)["weight"].original)
+            )
         if self.bias is not None:
             nn.init.zeros_(self.bias)

@@ -14,6 +14,7 @@ Float16/bfloat16 weights are constrained in float32 and the result cast back.
 """
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +72,7 @@ def bjorck_orthonormalize(weight: Tensor, iterations: int, tolerance: float) -> 
     return polynomial @ weight if wide else weight @ polynomial
 
 
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[object]:
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -96,7 +97,7 @@ class CachedParametrization(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._cache: Tensor | None = None
-        self._cache_key: tuple | None = None
+        self._cache_key: tuple[Tensor, ...] | None = None
 
     def constrain(self, weight: Tensor) -> Tensor:
         """Map the free ``weight`` to the constrained weight (differentiable)."""
@@ -125,6 +126,7 @@ class CachedParametrization(nn.Module):
                 with torch.no_grad():
                     self._cache = self._constrain_wide(weight)
                 self._cache_key = tuple(t.detach().clone() for t in self._state(weight))
+            assert self._cache is not None  # _cache_valid holds, or it was just computed
             return self._cache
 
     def _constrain_wide(self, weight: Tensor) -> Tensor:
@@ -136,11 +138,11 @@ class CachedParametrization(nn.Module):
         self._cache = None
         return super().train(mode)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state = dict(state)
         state["_cache"] = None

@@ -5,6 +5,7 @@ input pixel feeds several outputs and the scaled bounds below no longer hold.
 """
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +55,7 @@ class _L2NormPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, kernel_size: tuple[int, int]) -> Tensor:
+    def forward(ctx: Any, input: Tensor, kernel_size: tuple[int, int]) -> Tensor:
         out = _window_norms(input, kernel_size)
         ctx.kernel_size = kernel_size
         ctx.save_for_backward(input, out)
@@ -62,7 +63,7 @@ class _L2NormPool(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         input, out = ctx.saved_tensors
         (kh, kw), (n, c, h, w) = ctx.kernel_size, out.shape
         scale = (grad / out).masked_fill_(out == 0, 0.0)
@@ -81,13 +82,13 @@ class _SafeSqrt(torch.autograd.Function):
     """``sqrt`` whose gradient is 0 (a valid subgradient of the norm) where the input is 0."""
 
     @staticmethod
-    def forward(ctx, input: Tensor) -> Tensor:
+    def forward(ctx: Any, input: Tensor) -> Tensor:
         out = input.sqrt()
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         (out,) = ctx.saved_tensors
         return (grad / (2 * out)).masked_fill_(out == 0, 0.0)
 

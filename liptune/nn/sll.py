@@ -29,6 +29,8 @@ residual 1-Lipschitz networks.
 :func:`liptune.bounds.lipschitz_bound` verifies the condition above on those weights.
 """
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -138,7 +140,7 @@ class SLLConv2d(nn.Module):
     def vanilla(self) -> "SLLResidual":
         """The same map as plain ``nn.Conv2d`` and ``nn.ConvTranspose2d`` (eval-mode weights)."""
         weight = self.weight.detach()
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
         conv = nn.Conv2d(
             self.channels, self.inner_channels, self.kernel_size, padding=self.padding, **factory
         )
@@ -158,6 +160,7 @@ class SLLConv2d(nn.Module):
             finally:
                 self.scaled.train(was_training)
             conv.weight.copy_(weight)
+            assert conv.bias is not None  # built with one
             conv.bias.copy_(self.bias.detach())
         return SLLResidual(conv, transposed, self.scaled.log_q.detach().exp())
 

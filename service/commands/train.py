@@ -117,8 +117,9 @@ class EpochProgress:
 
 def print_result(result, spec, tracking_uri: str) -> None:
     from worker.spec import metric_key
+    from worker.trial import TrialOutcome
 
-    if result.status != "completed":
+    if result.status != TrialOutcome.COMPLETED:
         print(f"trial {result.status}: {result.failure_reason or 'stopped'}")
     else:
         metrics = result.metrics
@@ -165,7 +166,7 @@ def execute(spec, args: argparse.Namespace) -> int:
     """Run ``spec`` with the command-line options; the exit code."""
     from worker.datasets import DatasetError
     from worker.paths import default_data_roots, liptune_home
-    from worker.trial import run_trial
+    from worker.trial import TrialOutcome, run_trial
 
     home = liptune_home(args.data_dir)
     config = tracking_config(home, args.mlflow)
@@ -183,7 +184,7 @@ def execute(spec, args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_result(result, spec, config.tracking_uri)
-    return 0 if result.status == "completed" else 1
+    return 0 if result.status == TrialOutcome.COMPLETED else 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from service.problems import Problem
 from service.results import TRIAL_STATES
 from service.schemas import Health
 from worker.store import StudyStore
-from worker.studies import RUNNING, STATUSES, load_spec, study_status
+from worker.studies import STATUSES, StudyStatus, load_spec, study_status
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("liptune.service")
@@ -152,7 +152,7 @@ class StudyCollector(Collector):
 
         queue = 0
         for study_id, study in study_ids.items():
-            if study_status(study) != RUNNING:
+            if study_status(study) != StudyStatus.RUNNING:
                 continue
             n_trials = load_spec(study).n_trials
             queue += max(0, n_trials - complete_by_study[study_id] - active_by_study[study_id])

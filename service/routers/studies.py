@@ -37,15 +37,15 @@ from service.schemas import (
     ParetoFront,
     Recommendation,
     StudyDetail,
-    StudyStatus,
+    StudyStatusName,
     StudySummary,
     render_json,
 )
 from worker.datasets import DatasetError, describe_dataset
 from worker.spec import StudySpec
 from worker.studies import (
-    RUNNING,
     SPEC_ATTR,
+    StudyStatus,
     cancel_study,
     create_study,
     load_study,
@@ -118,7 +118,7 @@ def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
         objectives = results.objective_entries(snapshot.spec)
         eta = (
             results.eta_seconds(snapshot.records, snapshot.n_trials, datetime.now())
-            if snapshot.status == RUNNING
+            if snapshot.status == StudyStatus.RUNNING
             else None
         )
         return {
@@ -277,7 +277,7 @@ def cancel(
     snapshot: StudySnapshot = Depends(study_snapshot),
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
-    if snapshot.status != RUNNING:
+    if snapshot.status != StudyStatus.RUNNING:
         raise Problem(409, "study-not-running", f"the study is {snapshot.status}, not running")
     cancel_study(resources.storage, snapshot.id)
     resources.cache.invalidate(snapshot.id)
@@ -339,7 +339,7 @@ def _set_budget(resources: Resources, study_id: str, n_trials: int) -> StudySpec
     data = study.user_attrs[SPEC_ATTR]
     spec = StudySpec.model_validate({**data, "n_trials": n_trials})
     study.set_user_attr(SPEC_ATTR, _json_spec(spec))
-    set_status(study, RUNNING)
+    set_status(study, StudyStatus.RUNNING)
     return spec
 
 
@@ -351,7 +351,9 @@ def _set_budget(resources: Resources, study_id: str, n_trials: int) -> StudySpec
 )
 def list_studies(
     request: Request,
-    status: Annotated[StudyStatus | None, Query(description="Only studies in this status.")] = None,
+    status: Annotated[
+        StudyStatusName | None, Query(description="Only studies in this status.")
+    ] = None,
     params: Params = Depends(),
     db: Session = Depends(get_db),
     resources: Resources = Depends(get_resources),
