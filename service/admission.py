@@ -14,6 +14,7 @@ and the figure, and a user's file relative to its data root.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -24,9 +25,9 @@ from worker.augment import augmentation_error
 from worker.costs import study_cost
 from worker.datasets import DatasetDescription, DatasetError, describe_dataset
 from worker.datasets.locate import resolved_roots
-from worker.losses import LOSSES
-from worker.models import check_model
-from worker.spec import DatasetSpec, PluginModelSpec, StudySpec
+from worker.losses import LOSSES, margin_limit
+from worker.models import certificate_mode, check_model
+from worker.spec import FAMILY_PARAMS, DatasetSpec, PluginModelSpec, Range, StudySpec
 
 
 def _gib(n_bytes: int) -> str:
@@ -135,7 +136,51 @@ def _data_errors(
             check_model(spec.model, description.input_shape, description.num_classes)
         except ValueError as error:
             errors.append(field_error("body.model", str(error)))
-    return errors + _task_errors(spec, description)
+    return errors + _task_errors(spec, description) + _margin_errors(spec, description)
+
+
+def _margin_values(space: object) -> list[float]:
+    if isinstance(space, Range):
+        return [space.high]
+    if isinstance(space, list):
+        return [float(value) for value in space]
+    return [] if space is None else [float(space)]
+
+
+def _margin_errors(spec: StudySpec, description: DatasetDescription) -> list[dict[str, str]]:
+    """Margins no training can meet on inputs in [0, 1]^D (:func:`worker.losses.margin_limit`);
+    synthetic sets are not in the unit cube, so they are not checked."""
+    if description.kind == "synthetic" or description.num_classes < 2:
+        return []
+    try:
+        mode = certificate_mode(spec.model, description.input_shape, description.num_classes)
+    except (TypeError, ValueError):
+        return []  # the model's own error is reported by the cost check
+    size = math.prod(description.input_shape)
+    errors = []
+    wanted = [
+        ("body.search_space.margin", f, _margin_values(spec.search_space.margin))
+        for f in spec.search_space.families
+        if "margin" in FAMILY_PARAMS[f]
+    ]
+    wanted += [
+        (f"body.baselines.{index}", baseline.get("loss"), _margin_values(baseline.get("margin")))
+        for index, baseline in enumerate(spec.baselines)
+        if baseline.get("loss") in FAMILY_PARAMS and "margin" in FAMILY_PARAMS[baseline["loss"]]
+    ]
+    for field, family, values in wanted:
+        limit = margin_limit(family, mode, size)
+        too_large = [value for value in values if value > limit]
+        if too_large:
+            errors.append(
+                field_error(
+                    field,
+                    f"margin {max(too_large):g} of {family!r} cannot be met by any training: "
+                    f"on inputs of {size} values in [0, 1] a {mode} head meets at most "
+                    f"{limit:.4g} (GET /losses: the margin's limit); lower it",
+                )
+            )
+    return errors
 
 
 def _task_errors(spec: StudySpec, description: DatasetDescription) -> list[dict[str, str]]:

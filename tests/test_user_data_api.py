@@ -236,6 +236,29 @@ def test_each_npz_that_cannot_run_is_a_422_naming_the_file(client: TestClient, d
     assert_refused(client, spec, "body.dataset", "image folder")
 
 
+def test_margins_no_training_can_meet_are_refused_with_the_limit(
+    client: TestClient, data_root: Path
+):
+    rng = np.random.default_rng(0)
+    arrays = {  # six features in [0, 1]: a global head meets a logit gap of at most sqrt(3)
+        "x_train": rng.random((30, 6)),
+        "y_train": np.arange(30) % 3,
+        "x_test": rng.random((9, 6)),
+        "y_test": np.arange(9) % 3,
+    }
+    np.savez(data_root / "features.npz", **arrays)
+    base = {"dataset": {"name": "npz", "path": "features.npz"}, "search_space": {"loss": ["hkr"]}}
+    too_far = spec_with(**base, **{"search_space.margin": {"low": 0.1, "high": 2.0}})
+    assert_refused(client, too_far, "body.search_space.margin", "margin 2 of 'hkr'", "1.732")
+    fits = spec_with(**base, **{"search_space.margin": {"low": 0.1, "high": 1.7}})
+    assert client.post("/studies", json=fits).status_code == 201
+    baseline = spec_with(**base, baselines=[{"loss": "hkr", "margin": 1.8}])
+    assert_refused(client, baseline, "body.baselines.0", "margin 1.8")
+    losses = {item["name"]: item for item in client.get("/losses").json()["items"]}
+    assert "sqrt(D/2)" in losses["hkr"]["params"]["margin"]["limit"]
+    assert "sqrt(D)/2 (binary)" in losses["offset_ce"]["params"]["margin"]["limit"]
+
+
 def test_a_plugin_network_the_bound_cannot_see_into_is_refused_naming_the_module(
     client: TestClient,
 ):

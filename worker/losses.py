@@ -7,6 +7,7 @@ implements it. Parameters the spec leaves out take :data:`worker.spec.PARAM_DEFA
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,13 +22,22 @@ Task = Literal["binary", "multiclass"]
 @dataclass(frozen=True)
 class ParamInfo:
     """A loss hyper-parameter: its default and the range worth searching (``log``: on a log
-    scale)."""
+    scale); ``limit`` says which values no training can use, and why (the API refuses them)."""
 
     description: str
     default: float
     low: float
     high: float
     log: bool
+    limit: str = ""
+
+
+_MARGIN_LIMIT = (
+    "At most {bound} for inputs in [0, 1]^D (D values per input): a 1-Lipschitz network moves "
+    "what the margin asks for (the {asked}) by at most {span} between two inputs, which are at "
+    "most sqrt(D) apart, and the margin asks for it with opposite signs on two classes. A larger "
+    "margin is met by no training; the API refuses it for image and array data sets."
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ PARAMS: dict[str, ParamInfo] = {
         0.01,
         2.0,
         log=True,
+        limit=_MARGIN_LIMIT.format(
+            bound="sqrt(D/2) (global head), sqrt(D) (classwise head or binary)",
+            asked="logit gap f_y - f_j >= margin, or y f(x) >= margin/2 binary",
+            span="sqrt(2) sqrt(D) (global), 2 sqrt(D) (classwise), sqrt(D) (binary)",
+        ),
     ),
     "alpha_kr": ParamInfo(
         "Weight of the hinge term against the KR term (inf: hinge only); small values favour "
@@ -80,6 +95,11 @@ FAMILY_PARAM_OVERRIDES: dict[str, dict[str, ParamInfo]] = {
             0.01,
             5.0,
             log=True,
+            limit=_MARGIN_LIMIT.format(
+                bound="sqrt(D/2) (global head), sqrt(D) (classwise), sqrt(D)/2 (binary)",
+                asked="logit gap f_y - f_j >= margin, or y f(x) >= margin binary",
+                span="sqrt(2) sqrt(D) (global), 2 sqrt(D) (classwise), sqrt(D) (binary)",
+            ),
         ),
         "temperature": ParamInfo(
             "Inverse temperature tau: CE(tau (f - margin onehot(y)), y) / tau, the papers' "
@@ -138,6 +158,21 @@ LOSSES: dict[str, LossInfo] = {
         ("multiclass",),
     ),
 }
+
+
+def margin_limit(family: str, mode: str, input_size: int) -> float:
+    """The largest ``margin`` of ``family`` a network with certificate ``mode`` can meet on
+    inputs in [0, 1]^``input_size`` (see :class:`ParamInfo`'s ``limit``).
+
+    The margin asks for a quantity q (a logit gap, or y f(x) binary) of at least a on inputs of
+    two classes with opposite signs, so q must move by 2a between two inputs at most sqrt(D)
+    apart; q is c-Lipschitz (c = sqrt(2) for the gap of a global head, 2 classwise, 1 for a
+    binary f): a <= c sqrt(D) / 2. The HKR hinge asks a = margin/2 on a binary head and
+    a = margin on a gap; the offset cross-entropy a = margin on both.
+    """
+    lipschitz = {"binary": 1.0, "global": math.sqrt(2.0), "classwise": 2.0}[mode]
+    asked_per_margin = 0.5 if mode == "binary" and family != "offset_ce" else 1.0
+    return lipschitz * math.sqrt(input_size) / 2.0 / asked_per_margin
 
 
 def build_loss(spec: LossSpec, task: Task) -> nn.Module:
