@@ -146,7 +146,29 @@ async def _on_http_error(_request: Request, error: HTTPException) -> Response:
 RETRY_AFTER_S = 5
 
 
+def _pool_exhausted(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, sqlalchemy.exc.TimeoutError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 async def _on_store_error(request: Request, error: Exception) -> Response:
+    if _pool_exhausted(error):
+        logger.warning(
+            "%s %s: overloaded, every pooled database connection is busy: %s",
+            request.method,
+            request.url.path,
+            error,
+        )
+        return problem_response(
+            503,
+            "overloaded",
+            "the server is busy: every database connection is in use; retry after the delay "
+            "in Retry-After",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if store_unreachable(error):
         logger.warning(
             "%s %s: the database is unreachable: %s", request.method, request.url.path, error

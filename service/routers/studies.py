@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -209,17 +210,14 @@ def submit_study(
             description="Repeat a request safely: the same key and body give the same study.",
         ),
     ] = None,
-    db: Session = Depends(get_db),
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
     check_study(spec, resources.settings)
     spec_json = spec.model_dump_json()
     request_hash = hashlib.sha256(spec_json.encode()).hexdigest()
     if idempotency_key is not None:
-        existing = db.scalars(
-            select(StudyRow).where(StudyRow.idempotency_key == idempotency_key)
-        ).one_or_none()
-        if existing is not None:
+        existing = _recorded(resources, idempotency_key)
+        if existing is not None:  # a retry: answered from the record, no write
             return _replay(existing, request_hash, resources.cache)
     study_id = uuid.uuid4().hex
     row = StudyRow(
@@ -231,22 +229,16 @@ def submit_study(
         idempotency_key=idempotency_key,
         request_hash=request_hash if idempotency_key is not None else None,
     )
-    db.add(row)
-    try:
-        db.commit()
-    except IntegrityError:  # the same key, submitted concurrently, won the race
-        db.rollback()
-        existing = db.scalars(
-            select(StudyRow).where(StudyRow.idempotency_key == idempotency_key)
-        ).one()
-        return _replay(existing, request_hash, resources.cache)
+    winner = _insert(resources, row)
+    if winner is not None:  # the same key, submitted concurrently, won the race
+        return _replay(winner, request_hash, resources.cache)
     try:
         create_study(resources.storage, spec, study_id)
     except ValueError as error:
-        _forget(db, study_id)
+        _forget(resources, study_id)
         raise invalid_input([field_error("body.sampler", str(error))]) from None
     except BaseException:
-        _forget(db, study_id)
+        _forget(resources, study_id)
         raise
     return InfJSONResponse(
         detail_view(load_snapshot(resources.cache, study_id)),
@@ -255,16 +247,60 @@ def submit_study(
     )
 
 
+#: One writer of submission rows per process: SQLite has one writer anyway, and a submission
+#: waiting for the write lock waits here, holding no pooled connection.
+_INSERT_LOCK = threading.Lock()
+
+
+def _recorded(resources: Resources, idempotency_key: str) -> StudyRow | None:
+    """The study row recorded under ``idempotency_key``: one read, the connection returned to
+    the pool before anything waits."""
+    with resources.sessions() as db:
+        return db.scalars(
+            select(StudyRow).where(StudyRow.idempotency_key == idempotency_key)
+        ).one_or_none()
+
+
+def _insert(resources: Resources, row: StudyRow) -> StudyRow | None:
+    """Store ``row``; ``None``, or the row of a concurrent submission that recorded the same
+    idempotency key first. A connection is checked out only once this request may write."""
+    with _INSERT_LOCK:
+        if row.idempotency_key is not None:
+            existing = _recorded(resources, row.idempotency_key)
+            if existing is not None:
+                return existing
+        with resources.sessions() as db:
+            db.add(row)
+            try:
+                db.commit()
+            except IntegrityError:  # another API process recorded the key first
+                db.rollback()
+            else:
+                return None
+    assert row.idempotency_key is not None
+    existing = _recorded(resources, row.idempotency_key)
+    if existing is None:  # the other request recorded the key, then failed and forgot it
+        raise Problem(
+            503,
+            "study-being-created",
+            "another request with this Idempotency-Key was creating the study and gave up; "
+            "retry after the delay in Retry-After",
+            headers={"Retry-After": "1"},
+        )
+    return existing
+
+
 def _json_spec(spec: StudySpec) -> dict[str, Any]:
     """The spec as JSON data, with inf written ``"Infinity"`` as in Optuna's user attributes."""
     return json.loads(spec.model_dump_json())
 
 
-def _forget(db: Session, study_id: str) -> None:
-    row = db.get(StudyRow, study_id)
-    if row is not None:
-        db.delete(row)
-        db.commit()
+def _forget(resources: Resources, study_id: str) -> None:
+    with resources.sessions() as db:
+        row = db.get(StudyRow, study_id)
+        if row is not None:
+            db.delete(row)
+            db.commit()
 
 
 @router.post(
