@@ -16,7 +16,7 @@ The figures (bytes, float32):
   ones (Björck iterations, normalisations, the constrained copy itself): autograd keeps them
   for the backward pass, so they count once per training step whatever the batch size;
 - ``activation_bytes``: every other tensor autograd saves in the forward pass at the batch
-  size, and the logits with their gradient;
+  size, the logits with their gradient, and the augmented batch's copies;
 - ``eval_bytes``: twice the largest module output of one evaluation batch
   (:data:`worker.evaluation.EVAL_BATCH_SIZE`, no graph kept): the validation pass's peak;
 - ``data_bytes``: the train and validation splits (float32 inputs, int64 labels), resident on
@@ -45,7 +45,15 @@ from worker.datasets.describe import describe_dataset
 from worker.datasets.loading import DEFAULT_SYNTHETIC_SAMPLES, TEST_FRACTION
 from worker.evaluation import EVAL_BATCH_SIZE
 from worker.models import build_model
-from worker.spec import ConvNetSpec, DatasetSpec, MLPSpec, ModelSpec, StudySpec, TrialSpec
+from worker.spec import (
+    AugmentSpec,
+    ConvNetSpec,
+    DatasetSpec,
+    MLPSpec,
+    ModelSpec,
+    StudySpec,
+    TrialSpec,
+)
 
 _FLOAT_BYTES = 4
 _LABEL_BYTES = 8
@@ -215,7 +223,36 @@ def estimate(spec: TrialSpec, data_roots: Sequence[Path] | None = None) -> Cost:
         eval_batch_size=min(EVAL_BATCH_SIZE, cap),
     )
     data = examples * (math.prod(description.input_shape) * _FLOAT_BYTES + _LABEL_BYTES)
-    return Cost(**{**cost.__dict__, "data_bytes": data, "cache_bytes": description.cache_bytes})
+    augment = augmentation_bytes(training.augment, description.input_shape, cost.batch_size)
+    return Cost(
+        **{
+            **cost.__dict__,
+            "activation_bytes": cost.activation_bytes + augment,
+            "data_bytes": data,
+            "cache_bytes": description.cache_bytes,
+        }
+    )
+
+
+def augmentation_bytes(
+    augment: AugmentSpec | None, input_shape: Sequence[int], batch_size: int
+) -> int:
+    """The augmented batch's copies (:mod:`worker.augment`): the zero-padded batch, the band of
+    rows gathered from it and the cropped batch for ``random_crop``, the flipped batch and its
+    selection for ``horizontal_flip``; all float32 at the batch size."""
+    if augment is None or len(input_shape) != 3:
+        return 0
+    channels, height, width = input_shape
+    image = channels * height * width
+    total = 0
+    if augment.random_crop:
+        padding = augment.random_crop
+        padded = channels * (height + 2 * padding) * (width + 2 * padding)
+        band = channels * height * (width + 2 * padding)
+        total += padded + band + image
+    if augment.horizontal_flip:
+        total += 2 * image
+    return batch_size * total * _FLOAT_BYTES
 
 
 def study_cost(spec: StudySpec, data_roots: Sequence[Path] | None = None) -> Cost:
