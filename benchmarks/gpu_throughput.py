@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_fashion_mnist import reference_spec
 
 
-def child(spec_json: str, device: str) -> None:
+def child(spec_json: str, device: str, data_roots: list[Path] | None = None) -> None:
     """One trial: load, say ``ready``, wait for a line on stdin, run, print the figures."""
     import torch
 
@@ -48,7 +48,7 @@ def child(spec_json: str, device: str) -> None:
     from worker.trial import run_trial
 
     spec = TrialSpec.model_validate_json(spec_json)
-    roots = default_data_roots(liptune_home())
+    roots = data_roots or default_data_roots(liptune_home())
     load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -107,10 +107,14 @@ class GPUSampler:
         }
 
 
-def run_round(spec_json: str, device: str, count: int, threads: int) -> dict:
+def run_round(
+    spec_json: str, device: str, count: int, threads: int, data_roots: list[Path] | None = None
+) -> dict:
     """``count`` trials at once; their figures and the round's wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, __file__, "--child", spec_json, "--device", device]
+    for root in data_roots or []:
+        command += ["--data-root", str(root)]
     children = [
         subprocess.Popen(
             [*command, "--threads", str(threads)],
@@ -165,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-samples", type=int, default=None, help="subsample the train split")
     parser.add_argument("--precision", default="float32", choices=["float32", "tf32", "bf16"])
     parser.add_argument("--json", metavar="PATH", help="write the figures there as JSON")
+    parser.add_argument(
+        "--data-root",
+        action="append",
+        type=Path,
+        help="where Fashion-MNIST is looked for (repeatable; default: the data directory's)",
+    )
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        child(args.child, args.device)
+        child(args.child, args.device, args.data_root)
         return 0
     spec = reference_spec(args.epochs, args.n_samples, None)
     training = spec.training.model_copy(update={"precision": args.precision})
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for count in (int(text) for text in args.concurrency.split(",")):
         threads = max(1, cores // count) if args.device == "cpu" else 1
-        figures = run_round(spec_json, args.device, count, threads)
+        figures = run_round(spec_json, args.device, count, threads, args.data_root)
         rounds.append(figures)
         figures["speedup"] = figures["trials_per_hour"] / rounds[0]["trials_per_hour"]
         gpu = figures["gpu"] or {}

@@ -1,7 +1,7 @@
 r"""Guaranteed upper bounds of the L2 Lipschitz constant, and power-iteration lower estimates.
 
-Everything is computed in float64 from :func:`liptune.export.vanilla_export` of the model, so
-nothing the constraints claim is trusted. Per layer:
+Everything is computed in float64 on the CPU from :func:`liptune.export.vanilla_export` of the
+model (wherever it was trained), so nothing the constraints claim is trusted. Per layer:
 
 - ``nn.Linear``: its spectral norm by SVD.
 - ``nn.Conv2d`` (any kernel, stride, dilation, groups, padding and padding mode): the minimum
@@ -536,14 +536,14 @@ def _example(input_shape: Sequence[int]) -> Tensor:
             f"input_shape must be the shape of one example (no batch dimension) as positive "
             f"ints, e.g. (1, 28, 28); got {input_shape!r}"
         )
-    return torch.rand((1, *shape), dtype=torch.float64)
+    return torch.rand((1, *shape), dtype=torch.float64, device="cpu")
 
 
 def _walk(
     model: nn.Module, input_shape: Sequence[int], iterations: int
 ) -> tuple[float, float, list[LayerBound]]:
     example = _example(input_shape)
-    exported = vanilla_export(model).double()
+    exported = vanilla_export(model).double().cpu()
     walker = _Walker(iterations)
     bound, estimate, _ = walker.walk(exported, example, "")
     return bound, estimate, walker.layers
@@ -599,7 +599,7 @@ def head_constants(
         bound, estimate, _ = _walk(model, input_shape, iterations)
         return bound, estimate
     example = _example(input_shape)
-    exported = vanilla_export(model).double()
+    exported = vanilla_export(model).double().cpu()
     children = list(exported.children()) if isinstance(exported, nn.Sequential) else []
     if not children or not isinstance(children[-1], nn.Linear):
         raise TypeError(

@@ -286,7 +286,7 @@ grep -hE "batches found|generated CIFAR|^ +(clean|0\.[0-9]+) +[0-9.]+$|training_
 
 # ------------------------------------------------------------------ 5. benchmarks
 step gpu-throughput .venv/bin/python benchmarks/gpu_throughput.py --device "$DEVICE" \
-    "${THROUGHPUT[@]}" --json "$OUT/gpu_throughput.json"
+    "${ROOTS[@]}" "${THROUGHPUT[@]}" --json "$OUT/gpu_throughput.json"
 grep -h "trials/h" "$OUT/gpu-throughput.log" >>"$SUMMARY"
 step core-speed .venv/bin/python benchmarks/core_speed.py --device "$DEVICE" "${CORE_SPEED[@]}" \
     --json
