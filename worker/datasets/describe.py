@@ -172,12 +172,10 @@ def _inspect(info: DatasetInfo, spec: DatasetSpec, roots: Sequence[Path]) -> _In
     return found
 
 
-def describe_dataset(
-    spec: DatasetSpec, data_roots_: Sequence[Path] | None = None
-) -> DatasetDescription:
+def describe_dataset(spec: DatasetSpec, roots: Sequence[Path] | None = None) -> DatasetDescription:
     """The data set ``spec`` selects, described without decoding it.
 
-    ``data_roots_`` defaults to this process's (:func:`data_roots`). Raises
+    ``roots`` (the data roots) defaults to this process's (:func:`data_roots`). Raises
     :class:`DatasetError` naming the file and what is wrong with it.
     """
     info = dataset_info(spec.name)
@@ -196,7 +194,7 @@ def describe_dataset(
             train_examples=train,
             cache_bytes=0,
         )
-    roots = list(data_roots_) if data_roots_ is not None else data_roots()
+    roots = list(roots) if roots is not None else data_roots()
     layout, path, source_key = _inspect(info, spec, roots)
     if isinstance(layout, FolderLayout):
         names, train = layout.class_names, len(layout.train)
