@@ -431,7 +431,8 @@ def _power_norm(operator: Callable[[Tensor], Tensor], example: Tensor, iteration
     """Power iteration on :math:`A^\\top A` (adjoint by autograd): a lower estimate of
     :math:`\\|A\\|_2`, since every iterate's ratio ``||A x|| / ||x||`` is at most the norm."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(example.shape, generator=generator, dtype=torch.float64)
+    x = torch.randn(example.shape, generator=generator, dtype=torch.float64, device="cpu")
+    x = x.to(example.device)
     x = x / x.norm()
     best = 0.0
     for _ in range(iterations):

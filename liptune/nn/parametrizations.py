@@ -188,8 +188,9 @@ class BjorckSpectral(CachedParametrization):
         self.scale = positive_finite("scale", scale)
         matrix = weight.detach().reshape(weight.shape[0], -1)
         generator = torch.Generator(device="cpu").manual_seed(0)
-        u = torch.randn(matrix.shape[0], generator=generator, dtype=matrix.dtype)
-        v = torch.randn(matrix.shape[1], generator=generator, dtype=matrix.dtype)
+        # Drawn on the CPU, where the generator is, whatever torch's default device.
+        u = torch.randn(matrix.shape[0], generator=generator, dtype=matrix.dtype, device="cpu")
+        v = torch.randn(matrix.shape[1], generator=generator, dtype=matrix.dtype, device="cpu")
         self.register_buffer("u", nn.functional.normalize(u, dim=0).to(matrix.device))
         self.register_buffer("v", nn.functional.normalize(v, dim=0).to(matrix.device))
         self._power_iterate(matrix, 20)
