@@ -120,9 +120,9 @@ def onnx_outputs_match(model: nn.Module, input_shape: tuple[int, ...], path) -> 
     for batch in (1, 2, 7):
         # Both signs, to reach both sides of the activations' kinks.
         x = 2 * torch.rand(batch, *input_shape) - 1
-        (out,) = session.run(None, {"input": x.numpy()})
+        (out,) = session.run(None, {"input": x.cpu().numpy()})
         with torch.no_grad():
-            expected = model(x).numpy()
+            expected = model(x).cpu().numpy()
         assert out.shape == expected.shape
         np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
     return proto
@@ -290,9 +290,9 @@ def test_a_higher_opset_is_honoured(tmp_path):
     assert proto.opset_import[0].version == 20
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.rand(3, 1, 8, 8)
-    (out,) = session.run(None, {"input": x.numpy()})
+    (out,) = session.run(None, {"input": x.cpu().numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(out, model.eval()(x).numpy(), atol=1e-5)
+        np.testing.assert_allclose(out, model.eval()(x).cpu().numpy(), atol=1e-5)
 
 
 def test_an_unknown_module_falls_back_to_the_torch_exporter(tmp_path):
@@ -319,12 +319,12 @@ def radius_matches(model: nn.Module, input_shape: tuple[int, ...], path) -> onnx
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [output.name for output in session.get_outputs()] == ["output", "radius"]
     x = torch.rand(5, *input_shape)
-    output, radius = session.run(None, {"input": x.numpy()})
+    output, radius = session.run(None, {"input": x.cpu().numpy()})
     with torch.no_grad():
         logits = vanilla_export(model)(x)
-    expected = certificates(logits, model.certificate_mode, lipschitz=1.3).numpy()
+    expected = certificates(logits, model.certificate_mode, lipschitz=1.3).cpu().numpy()
     assert radius.shape == (5,)
-    np.testing.assert_allclose(output, logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(output, logits.cpu().numpy(), atol=1e-5)
     np.testing.assert_allclose(radius, expected, rtol=1e-5, atol=1e-6)
     return onnx.load(str(path))
 
