@@ -33,10 +33,7 @@ builder from Python code.
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
-import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +61,8 @@ from liptune.nn import (
     SpectralLinear,
 )
 from liptune.nn.containers import CERTIFICATE_MODES
+from worker.plugins import EntryPoints
 from worker.spec import ConvNetSpec, MLPSpec, ModelSpec, PluginModelSpec, ResNetSpec
-
-logger = logging.getLogger(__name__)
 
 #: The entry-point group of model plugins.
 ENTRY_POINT_GROUP = "liptune.models"
@@ -134,8 +130,6 @@ MODELS: dict[str, ModelInfo] = {
         ResNetSpec,
     ),
 }
-_plugins_lock = threading.Lock()
-_plugins_loaded = False
 
 
 def _params_from_signature(name: str, builder: Callable[..., nn.Module]) -> type[BaseModel]:
@@ -167,7 +161,7 @@ def register_model(
     ``params_model`` (default: ``build.params_model`` if it has one, else a model of the
     builder's signature) checks a spec's ``params``. A taken name raises ``ValueError``.
     """
-    _load_plugins()
+    _PLUGINS.load()
     return _register(name, build, description, params_model, source)
 
 
@@ -203,31 +197,24 @@ def _register(
     return info
 
 
-def _load_plugins() -> None:
-    """Register each ``liptune.models`` entry point once per process; one that fails to load
-    is logged and left out."""
-    global _plugins_loaded
-    with _plugins_lock:
-        if _plugins_loaded:
-            return
-        _plugins_loaded = True
-        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            source = f"plugin {entry.value}" + (f" ({entry.dist.name})" if entry.dist else "")
-            try:
-                _register(entry.name, entry.load(), None, None, source)
-            except Exception as error:  # a broken plugin must not take the registry down
-                logger.warning("model plugin %r (%s) left out: %s", entry.name, source, error)
+def _register_entry(name: str, loaded: object, source: str) -> None:
+    if not callable(loaded):
+        raise TypeError(f"{type(loaded).__name__} is not a builder function")
+    _register(name, loaded, None, None, source)
+
+
+_PLUGINS = EntryPoints(ENTRY_POINT_GROUP, "model plugin", _register_entry)
 
 
 def registered_models() -> dict[str, ModelInfo]:
     """Every model a spec may name: the zoo and the installed plugins."""
-    _load_plugins()
+    _PLUGINS.load()
     return dict(MODELS)
 
 
 def model_info(name: str) -> ModelInfo:
     """The registry entry of ``name``; ``ValueError`` lists the known names otherwise."""
-    _load_plugins()
+    _PLUGINS.load()
     try:
         return MODELS[name]
     except KeyError:

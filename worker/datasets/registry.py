@@ -16,9 +16,6 @@ first time the registry is asked; :func:`register_dataset` adds an entry from Py
 
 from __future__ import annotations
 
-import importlib.metadata
-import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +27,7 @@ from worker.datasets.cifar import cifar_files
 from worker.datasets.errors import DatasetError
 from worker.datasets.idx import IDX_STEMS, idx_files
 from worker.datasets.locate import find_default_dir, resolve_user_path, resolved_roots
-
-logger = logging.getLogger(__name__)
+from worker.plugins import EntryPoints
 
 #: The entry-point group of data-set plugins.
 ENTRY_POINT_GROUP = "liptune.datasets"
@@ -265,13 +261,11 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
     )
 }
-_plugins_lock = threading.Lock()
-_plugins_loaded = False
 
 
 def register_dataset(info: DatasetInfo) -> None:
     """Add ``info`` to the registry; a name that is taken raises ``ValueError``."""
-    _load_plugins()
+    _PLUGINS.load()
     _register(info)
 
 
@@ -300,39 +294,27 @@ def plugin_info(name: str, loader: Callable[[], Mapping[str, np.ndarray]], sourc
     )
 
 
-def _load_plugins() -> None:
-    """Register each ``liptune.datasets`` entry point once per process; one that fails to load
-    is logged and left out, the others stay usable."""
-    global _plugins_loaded
-    with _plugins_lock:
-        if _plugins_loaded:
-            return
-        _plugins_loaded = True
-        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            source = f"plugin {entry.value}" + (f" ({entry.dist.name})" if entry.dist else "")
-            try:
-                loaded = entry.load()
-                if isinstance(loaded, DatasetInfo):
-                    info = loaded
-                elif callable(loaded):
-                    info = plugin_info(entry.name, loaded, source)
-                else:
-                    kind = type(loaded).__name__
-                    raise TypeError(f"{kind} is neither callable nor a DatasetInfo")
-                _register(info)
-            except Exception as error:  # a broken plugin must not take the registry down
-                logger.warning("data-set plugin %r (%s) left out: %s", entry.name, source, error)
+def _register_entry(name: str, loaded: object, source: str) -> None:
+    if isinstance(loaded, DatasetInfo):
+        _register(loaded)
+    elif callable(loaded):
+        _register(plugin_info(name, loaded, source))
+    else:
+        raise TypeError(f"{type(loaded).__name__} is neither callable nor a DatasetInfo")
+
+
+_PLUGINS = EntryPoints(ENTRY_POINT_GROUP, "data-set plugin", _register_entry)
 
 
 def registered_datasets() -> dict[str, DatasetInfo]:
     """Every registry entry, plugins included, by name."""
-    _load_plugins()
+    _PLUGINS.load()
     return dict(DATASETS)
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """The registry entry of ``name``; :class:`DatasetError` lists the known names otherwise."""
-    _load_plugins()
+    _PLUGINS.load()
     try:
         return DATASETS[name]
     except KeyError:
