@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,31 +45,22 @@ def wait_until(predicate, timeout_s: float, what: str, log: Path):
     pytest.fail(f"{what} within {timeout_s} s; server log:\n{tail}")
 
 
-@pytest.fixture
-def server(tmp_path: Path, storage_url: str):
+@contextmanager
+def running_serve(
+    home: Path, log: Path, *arguments: str, env: dict[str, str] | None = None
+) -> Iterator[httpx.Client]:
+    """A real ``liptune serve`` on a free loopback port with its data under ``home`` (output in
+    ``log``), ``arguments`` added to its command line; a client once it answers, and SIGTERM
+    (then SIGKILL after 90 s) when the block ends."""
     port = free_port()
-    home = tmp_path / "home"
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(home),
-        "--workers",
-        "2",
-        "--storage",
-        storage_url,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    command += ["--data-dir", str(home), *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+            command, cwd=REPO_ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT
         )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
 
     def healthy() -> bool:
         if process.poll() is not None:
@@ -79,7 +72,7 @@ def server(tmp_path: Path, storage_url: str):
 
     try:
         wait_until(healthy, 120, "the server did not answer", log)
-        yield client, home, log
+        yield client
     finally:
         client.close()
         process.send_signal(signal.SIGTERM)
@@ -88,6 +81,13 @@ def server(tmp_path: Path, storage_url: str):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path, storage_url: str):
+    home, log = tmp_path / "home", tmp_path / "serve.log"
+    with running_serve(home, log, "--workers", "2", "--storage", storage_url) as client:
+        yield client, home, log
 
 
 def test_digits_study_end_to_end(server, tmp_path: Path, mlflow_store):

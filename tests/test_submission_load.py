@@ -11,11 +11,7 @@ timed out waiting for the pool, and that overload was reported as an unreachable
 from __future__ import annotations
 
 import copy
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from test_api_studies import DIGITS_SPEC
-from test_serve_e2e import REPO_ROOT, free_port, wait_until
+from test_serve_e2e import running_serve, wait_until
 
 pytestmark = pytest.mark.slow
 #: Longer than SQLAlchemy's pool timeout (30 s), shorter than SQLite's busy timeout (120 s).
@@ -33,46 +29,9 @@ LOCK_HELD_S = 34.0
 
 @pytest.fixture
 def serving(tmp_path: Path):
-    port = free_port()
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp_path / "home"),
-        "--workers",
-        "1",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"liptune serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            return client.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(healthy, 120, "the server did not answer", log)
-        yield client, log, tmp_path / "home" / "liptune.db"
-    finally:
-        client.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    home, log = tmp_path / "home", tmp_path / "serve.log"
+    with running_serve(home, log, "--workers", "1") as client:
+        yield client, log, home / "liptune.db"
 
 
 def test_concurrent_retries_and_submissions_while_a_worker_trains(serving):

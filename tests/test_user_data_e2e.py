@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_e2e import REPO_ROOT, free_port, wait_until
+from test_serve_e2e import REPO_ROOT, running_serve, wait_until
 
 pytestmark = pytest.mark.slow
 STUDY_TIMEOUT_S = 300
@@ -119,51 +117,10 @@ def served(tmp_path: Path):
         x_test=(rng.random((30, 6)) * 0.3 + y_test[:, None] * 0.3).astype(np.float32),
         y_test=y_test,
     )
-    port = free_port()
     log = tmp_path / "serve.log"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(home),
-        "--workers",
-        "2",
-    ]
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"liptune serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            return client.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(healthy, 120, "the server did not answer", log)
+    path = {"PYTHONPATH": os.pathsep.join([str(plugins), str(REPO_ROOT)])}
+    with running_serve(home, log, "--workers", "2", env=path) as client:
         yield client, home, log
-    finally:
-        client.close()
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def study(name: str, dataset: dict, model: dict, n_trials: int = 2) -> dict:
