@@ -198,6 +198,17 @@ class _Loss(nn.Module):
 # --------------------------------------------------------------------------- binary
 
 
+class _OffsetLoss(_Loss):
+    """The offset cross-entropies' two settings: the offset ``margin`` and ``temperature``."""
+
+    def __init__(
+        self, margin: float = 1.0, temperature: float = 1.0, reduction: Reduction = "mean"
+    ) -> None:
+        super().__init__(reduction)
+        self.margin = _positive_finite("margin", margin)
+        self.temperature = _positive_finite("temperature", temperature)
+
+
 class KRLoss(_Loss):
     r"""Negative Kantorovich-Rubinstein estimate of the Wasserstein-1 distance between classes:
 
@@ -276,7 +287,7 @@ class TauBCEWithLogitsLoss(_Loss):
         return self._reduce(loss / self.temperature)
 
 
-class OffsetBCEWithLogitsLoss(_Loss):
+class OffsetBCEWithLogitsLoss(_OffsetLoss):
     r"""Binary offset cross-entropy, the binary twin of :class:`OffsetCrossEntropyLoss`:
 
     .. math:: \ell = \frac{1}{\tau}\,\mathrm{softplus}\left(-\tau\,(y f(x) - m)\right)
@@ -294,13 +305,6 @@ class OffsetBCEWithLogitsLoss(_Loss):
         margin: m > 0, the offset asked of ``y f(x)``.
         temperature: tau > 0, the inverse of the papers' T.
     """
-
-    def __init__(
-        self, margin: float = 1.0, temperature: float = 1.0, reduction: Reduction = "mean"
-    ) -> None:
-        super().__init__(reduction)
-        self.margin = _positive_finite("margin", margin)
-        self.temperature = _positive_finite("temperature", temperature)
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         f, signs = binary_signs(outputs, target)
@@ -460,7 +464,7 @@ class TauCrossEntropyLoss(_Loss):
         return self._reduce(loss / tau)
 
 
-class OffsetCrossEntropyLoss(_Loss):
+class OffsetCrossEntropyLoss(_OffsetLoss):
     r"""Offset cross-entropy: the tau-cross-entropy of the logits with the true one lowered by
     a margin m,
 
@@ -482,13 +486,6 @@ class OffsetCrossEntropyLoss(_Loss):
         margin: m > 0, the logit gap asked of the true class.
         temperature: tau > 0, the inverse of the papers' T.
     """
-
-    def __init__(
-        self, margin: float = 1.0, temperature: float = 1.0, reduction: Reduction = "mean"
-    ) -> None:
-        super().__init__(reduction)
-        self.margin = _positive_finite("margin", margin)
-        self.temperature = _positive_finite("temperature", temperature)
 
     def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
         mask = multiclass_mask(outputs, target)

@@ -57,7 +57,12 @@ def stored(client: TestClient) -> tuple[int, int]:
 
 def with_changes(**changes: Any) -> dict[str, Any]:
     """DIGITS_SPEC with dotted-path changes, e.g. ``{"training.epochs": 9}``; None deletes."""
-    spec = copy.deepcopy(DIGITS_SPEC)
+    return changed(DIGITS_SPEC, **changes)
+
+
+def changed(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of the spec ``base`` with dotted-path changes; None deletes."""
+    spec = copy.deepcopy(base)
     for path, value in changes.items():
         *parents, leaf = path.split(".")
         node = spec

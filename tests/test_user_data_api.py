@@ -8,7 +8,6 @@ would be (the installed path is tested end to end in ``test_user_data_e2e.py``).
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_api_studies import PROBLEM, make_client, stored
+from test_api_studies import PROBLEM, changed, make_client, stored
 from torch import nn
 
 from liptune import nn as lnn
@@ -107,14 +106,7 @@ def client(tmp_path: Path, data_root: Path, sqlite_url: str) -> TestClient:
 
 
 def spec_with(**changes: Any) -> dict[str, Any]:
-    spec = copy.deepcopy(SPEC)
-    for path, value in changes.items():
-        *parents, leaf = path.split(".")
-        node = spec
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return spec
+    return changed(SPEC, **changes)
 
 
 def assert_refused(client: TestClient, spec: dict[str, Any], field: str, *fragments: str):
