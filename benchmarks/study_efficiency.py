@@ -224,6 +224,15 @@ TASKS = {
         offset_temperatures=OFFSET_TEMPERATURES,
         guidelines=False,
     ),
+    # the same table without offset_ce: what a study over hkr and tau_ce alone finds
+    "fashion-inv-2": Task(
+        "fashion-inv-2",
+        _fashion(INVERTIBLE_ALPHAS, INVERTIBLE_MARGINS, FASHION_INVERTIBLE_MODEL),
+        INVERTIBLE_ALPHAS,
+        INVERTIBLE_MARGINS,
+        table="fashion-inv",
+        guidelines=False,
+    ),
 }
 
 
@@ -254,7 +263,27 @@ def build_configs(task: Task, families: list[str] | None = None) -> list[dict[st
     dense configurations; only those of ``families`` when given."""
     guidelines = GUIDELINE_SETTINGS if task.guidelines else ()
     configs = {config_key(c): c for c in (*offset_configs(task), *guidelines, *dense_configs(task))}
-    return [c for c in configs.values() if families is None or c["loss"] in families]
+    chosen = [c for c in configs.values() if families is None or c["loss"] in families]
+    if task.offsets:  # fashion-inv: the likely front first, so that a partial table is useful
+        chosen.sort(key=_build_priority)
+    return chosen
+
+
+#: fashion-inv's build order: offset_ce, then the temperatures from the knee outwards, then
+#: HKR margin by margin (both alphas), the front's margins first.
+TEMPERATURE_BUILD_ORDER = (1.0, 3.0, 10.0, 0.3, 30.0, 100.0, 0.1, 0.03)
+
+
+def _build_priority(config: dict[str, Any]) -> tuple[int, int, int]:
+    if config["loss"] == "tau_ce":
+        return (1, TEMPERATURE_BUILD_ORDER.index(config["temperature"]), 0)
+    if config["loss"] == "hkr":
+        return (
+            2,
+            (2.0, 1.0, 0.5, 0.2).index(config["margin"]),
+            not math.isfinite(config["alpha_kr"]),
+        )
+    return (0, 0, 0)
 
 
 def grid_configs(task: Task) -> list[dict[str, Any]]:
