@@ -17,6 +17,9 @@ Tasks: ``digits`` (the README's MLP 64-64, 10 epochs per trial, eps 0.3) and ``f
 (Fashion-MNIST, the reference convnet, 9 epochs per trial, a fixed 10,000-image training subset,
 the full test set, eps 0.5), each over 8 temperatures and 7 margins x 5 alphas (43
 configurations) plus the guideline settings cosine and hinge, trained with several seeds.
+``fashion-inv`` (issue 23): the same convnet with invertible pooling, offset_ce's 3 offsets x 3
+temperatures, the 8 temperatures and HKR's 4 margins x 2 alphas; ``fashion-offset``: offset_ce's
+9 settings trained into the l2 ``fashion`` table (``build --families offset_ce``).
 ``guidelines`` replays the default study (12 trials of 5 epochs) against the guidelines'
 hand-picked settings; ``guidelines-live`` runs it for real over ranges; ``live`` confirms the
 replay with real studies.
@@ -32,6 +35,7 @@ benchmarks/README.md; without Syne Tune pass ``--methods`` without the two MOASH
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import json
 import math
@@ -76,6 +80,11 @@ class Task:
     margins: tuple[float, ...] = MARGINS
     #: The table's file name when it is another task's (a sub-space of its configurations).
     table: str | None = None
+    #: offset_ce's offsets x temperatures (issue 23), trained first; empty: not in the task.
+    offsets: tuple[float, ...] = ()
+    offset_temperatures: tuple[float, ...] = ()
+    #: Whether the guidelines' hand-picked settings are part of the table.
+    guidelines: bool = True
 
     @property
     def spec(self) -> StudySpec:
@@ -129,16 +138,43 @@ FASHION_MODEL = {
     "pooling": "l2",
     "dense_widths": [64],
 }
+#: The same convnet with the zoo's default pooling (space-to-depth), issue 23's measurement.
+FASHION_INVERTIBLE_MODEL = {**FASHION_MODEL, "pooling": "invertible"}
+#: offset_ce (issue 23): offsets around 0.35, the logit gap that certifies eps 0.25 for a global
+#: head (sqrt(2) * 0.25), x liptune's temperatures (the papers' T = 1 / tau); build order.
+OFFSETS = (0.35, 0.2, 0.7)
+OFFSET_TEMPERATURES = (8.0, 2.0, 32.0)
+#: The invertible-pooling table's HKR subset (a slice of the l2 table's 35, build order).
+INVERTIBLE_ALPHAS = (100.0, math.inf)
+INVERTIBLE_MARGINS = (0.5, 2.0, 0.2, 1.0)
 
 
-def _fashion(alphas: tuple[float, ...]) -> dict[str, Any]:
-    margins = sorted(FASHION_MARGINS)
+def offset_space(space: dict[str, Any], offsets: tuple[float, ...], temperatures) -> dict:
+    """``space`` with offset_ce added: its offsets join the margins, its temperatures the
+    temperatures (a discrete table: the replay snaps a configuration to a trained one)."""
+    return {
+        **space,
+        "loss": [*space["loss"], "offset_ce"],
+        "margin": sorted({*space.get("margin", []), *offsets}),
+        "temperature": sorted({*space["temperature"], *temperatures}),
+    }
+
+
+def _fashion(
+    alphas: tuple[float, ...],
+    margins: tuple[float, ...] = FASHION_MARGINS,
+    model: dict[str, Any] = FASHION_MODEL,
+    offsets: tuple[float, ...] = (),
+) -> dict[str, Any]:
+    space = search_space(alphas, tuple(sorted(margins)))
+    if offsets:
+        space = offset_space(space, offsets, OFFSET_TEMPERATURES)
     return {
         "name": "efficiency-fashion",
         "dataset": {"name": "fashion-mnist", "n_samples": 10_000},
-        "model": FASHION_MODEL,
+        "model": model,
         "training": {"epochs": 9, "batch_size": 128, "lr": 0.001, "device": "cpu"},
-        "search_space": search_space(alphas, tuple(margins)),
+        "search_space": space,
         "objectives": [{"metric": "accuracy"}, {"metric": "certified_accuracy", "eps": 0.5}],
         "eps": list(REPORT_EPS),
     }
@@ -168,12 +204,52 @@ TASKS = {
         FASHION_MARGINS,
         table="fashion",
     ),
+    # issue 23: offset_ce on the l2 table (trained into it with `build --families offset_ce`)
+    "fashion-offset": Task(
+        "fashion-offset",
+        _fashion(FASHION_ALPHAS, offsets=OFFSETS),
+        FASHION_ALPHAS,
+        FASHION_MARGINS,
+        table="fashion",
+        offsets=OFFSETS,
+        offset_temperatures=OFFSET_TEMPERATURES,
+    ),
+    # issue 23: the three families with invertible pooling (HKR: 4 margins x 2 alphas)
+    "fashion-inv": Task(
+        "fashion-inv",
+        _fashion(INVERTIBLE_ALPHAS, INVERTIBLE_MARGINS, FASHION_INVERTIBLE_MODEL, offsets=OFFSETS),
+        INVERTIBLE_ALPHAS,
+        INVERTIBLE_MARGINS,
+        offsets=OFFSETS,
+        offset_temperatures=OFFSET_TEMPERATURES,
+        guidelines=False,
+    ),
+    # the same table without offset_ce: what a study over hkr and tau_ce alone finds
+    "fashion-inv-2": Task(
+        "fashion-inv-2",
+        _fashion(INVERTIBLE_ALPHAS, INVERTIBLE_MARGINS, FASHION_INVERTIBLE_MODEL),
+        INVERTIBLE_ALPHAS,
+        INVERTIBLE_MARGINS,
+        table="fashion-inv",
+        guidelines=False,
+    ),
 }
 
 
+def offset_configs(task: Task) -> list[dict[str, Any]]:
+    """offset_ce's offsets x temperatures (none when the task has no offsets)."""
+    return [
+        {"loss": "offset_ce", "margin": m, "temperature": t}
+        for m in task.offsets
+        for t in task.offset_temperatures
+    ]
+
+
 def dense_configs(task: Task) -> list[dict[str, Any]]:
-    """Every configuration of the discretised space: each temperature, each (margin, alpha)."""
-    configs: list[dict[str, Any]] = [{"loss": "tau_ce", "temperature": t} for t in TEMPERATURES]
+    """Every configuration of the discretised space: each temperature, each (margin, alpha),
+    each (offset, temperature) of offset_ce."""
+    configs: list[dict[str, Any]] = offset_configs(task)
+    configs += [{"loss": "tau_ce", "temperature": t} for t in TEMPERATURES]
     configs += [
         {"loss": "hkr", "margin": m, "alpha_kr": a}
         for a in reversed(task.alphas)
@@ -182,15 +258,38 @@ def dense_configs(task: Task) -> list[dict[str, Any]]:
     return configs
 
 
-def build_configs(task: Task) -> list[dict[str, Any]]:
-    """What ``build`` trains: the guideline settings first, then the dense configurations."""
-    configs = {config_key(c): c for c in (*GUIDELINE_SETTINGS, *dense_configs(task))}
-    return list(configs.values())
+def build_configs(task: Task, families: list[str] | None = None) -> list[dict[str, Any]]:
+    """What ``build`` trains: offset_ce's settings and the guideline settings first, then the
+    dense configurations; only those of ``families`` when given."""
+    guidelines = GUIDELINE_SETTINGS if task.guidelines else ()
+    configs = {config_key(c): c for c in (*offset_configs(task), *guidelines, *dense_configs(task))}
+    chosen = [c for c in configs.values() if families is None or c["loss"] in families]
+    if task.offsets:  # fashion-inv: the likely front first, so that a partial table is useful
+        chosen.sort(key=_build_priority)
+    return chosen
+
+
+#: fashion-inv's build order: offset_ce, then the temperatures from the knee outwards, then
+#: HKR margin by margin (both alphas), the front's margins first.
+TEMPERATURE_BUILD_ORDER = (1.0, 3.0, 10.0, 0.3, 30.0, 100.0, 0.1, 0.03)
+
+
+def _build_priority(config: dict[str, Any]) -> tuple[int, int, int]:
+    if config["loss"] == "tau_ce":
+        return (1, TEMPERATURE_BUILD_ORDER.index(config["temperature"]), 0)
+    if config["loss"] == "hkr":
+        return (
+            2,
+            (2.0, 1.0, 0.5, 0.2).index(config["margin"]),
+            not math.isfinite(config["alpha_kr"]),
+        )
+    return (0, 0, 0)
 
 
 def grid_configs(task: Task) -> list[dict[str, Any]]:
     """The manual loop of the guidelines: the temperature ladder, the margin ladder at
-    alpha_kr = inf (hinge only), the alpha_kr ladder at the middle margin."""
+    alpha_kr = inf (hinge only), the alpha_kr ladder at the middle margin; and offset_ce's
+    offsets x temperatures when the task has them."""
     configs: list[dict[str, Any]] = [{"loss": "tau_ce", "temperature": t} for t in TEMPERATURES]
     if not task.alphas:
         return configs
@@ -200,7 +299,7 @@ def grid_configs(task: Task) -> list[dict[str, Any]]:
         for a in task.alphas
         if math.isfinite(a)
     ]
-    return configs
+    return configs + offset_configs(task)  # offset_ce: its whole offsets x temperatures table
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -228,9 +327,9 @@ def _epoch_row(model, splits, mode: str, record: dict, tested: list) -> dict[str
     return row
 
 
-def build(task: Task, threads: int, seed: int) -> None:
-    """Train every configuration of :func:`build_configs` once with training seed ``seed``
-    (data split, initialisation, batch order), appending to the table."""
+def build(task: Task, threads: int, seed: int, families: list[str] | None = None) -> None:
+    """Train every configuration of :func:`build_configs` (of ``families`` when given) once with
+    training seed ``seed`` (data split, initialisation, batch order), appending to the table."""
     torch.set_num_threads(threads)
     task.table_path.parent.mkdir(parents=True, exist_ok=True)
     done = (
@@ -240,7 +339,7 @@ def build(task: Task, threads: int, seed: int) -> None:
     )
     study = task.spec
     started = time.perf_counter()
-    for config in build_configs(task):
+    for config in build_configs(task, families):
         key = config_key(config)
         if (key, seed) in done:
             continue
@@ -281,8 +380,11 @@ def build(task: Task, threads: int, seed: int) -> None:
             # the trained model's radii only: one summary per epoch made the tables 9x larger
             "test_radii": tested[0].summary().encode() if tested else None,
         }
-        with gzip.open(task.table_path, "at") as file:  # a new gzip member per configuration
-            file.write(json.dumps(entry) + "\n")
+        # a new gzip member per configuration; locked: builds of two seeds may share a table
+        with open(task.table_path, "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with gzip.open(task.table_path, "at") as file:
+                file.write(json.dumps(entry) + "\n")
         last = rows[-1] if rows else {}
         print(
             f"{key:40s} seed {seed} {entry['wall_seconds']:7.1f} s  "
@@ -347,7 +449,9 @@ class Replay:
     def __init__(self, task: Task) -> None:
         self.task = task
         self.spec = task.spec
-        wanted = {config_key(config) for config in (*dense_configs(task), *GUIDELINE_SETTINGS)}
+        self.snapped = 0  # trials answered by a nearest trained configuration (:meth:`snap`)
+        guidelines = GUIDELINE_SETTINGS if task.guidelines else ()
+        wanted = {config_key(config) for config in (*dense_configs(task), *guidelines)}
         self.entries: dict[str, list[dict[str, Any]]] = {}
         for row in read_table(task):
             if row["key"] in wanted:
@@ -360,10 +464,34 @@ class Replay:
         eps = f"{task.eps:g}"
         self.test_keys = ("test_accuracy", f"test_certified_accuracy_eps_{eps}")
 
+    def snap(self, config: dict[str, Any]) -> str:
+        """The key of ``config``'s training, or, in a space whose families share parameter
+        lists (``fashion-inv``: offset_ce's offsets are margins, HKR's margins offsets), of
+        the nearest trained configuration of its family (in log scale): a re-suggested or
+        snapped setting gets another draw of a trained one, as a discrete table does."""
+        key = config_key(config)
+        if key in self.entries:
+            return key
+
+        def distance(other: str) -> float:
+            values = dict(part.split("=") for part in other.split("|")[1:])
+            return sum(
+                abs(math.log(min(float(values[name]), 1e9)) - math.log(min(float(v), 1e9)))
+                for name, v in config.items()
+                if name in values
+            )
+
+        family = [k for k in self.entries if k.split("|")[0] == config["loss"]]
+        if not family:
+            raise KeyError(key)
+        nearest = min(family, key=distance)
+        self.snapped += 1
+        return nearest
+
     def epochs_of(self, config: dict[str, Any], rng: np.random.Generator) -> list[dict[str, Any]]:
         """One training of ``config`` (a seed drawn with ``rng``), its first ``task.epochs``
         epochs: the table's constant learning rate makes them a shorter trial's epochs."""
-        runs = self.entries[config_key(config)]
+        runs = self.entries[self.snap(config)]
         return runs[int(rng.integers(len(runs)))]["epochs"][: self.task.epochs]
 
     def trainings(self) -> list[list[dict[str, Any]]]:
@@ -636,6 +764,7 @@ def replay(
         "best_found_hypervolume": best_found,
         "grid_reaches_target": f"{len(grid_reached)}/{len(grid_runs)}",
         "grid_median_epochs_to_target": grid_median,
+        "snapped_trials": table.snapped,
         "methods": {},
     }
     for name, runs in traces.items():
@@ -896,6 +1025,12 @@ def main() -> None:
     build_parser.add_argument(
         "--seed", type=int, default=0, help="training seed (build a task again to add seeds)"
     )
+    build_parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=["hkr", "tau_ce", "offset_ce", "hinge", "cosine"],
+        help="train only these loss families' configurations",
+    )
     replay_parser = commands.add_parser("replay", help="replay every method on a task's table")
     replay_parser.add_argument("--task", choices=sorted(TASKS), required=True)
     replay_parser.add_argument("--seeds", type=int, default=20)
@@ -933,7 +1068,7 @@ def main() -> None:
     guidelines_live_parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.command == "build":
-        build(TASKS[args.task], args.threads, args.seed)
+        build(TASKS[args.task], args.threads, args.seed, args.families)
     elif args.command == "replay":
         task = TASKS[args.task] if args.eps is None else at_eps(TASKS[args.task], args.eps)
         summary = replay(task, args.seeds, args.budget, args.methods, write=args.eps is None)
