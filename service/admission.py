@@ -74,15 +74,8 @@ def check_study(spec: StudySpec, settings: Settings) -> None:
                 "limit",
             )
         )
-    roots = resolved_roots(settings.resolved_data_roots())
-    path_errors = _path_errors(spec.dataset.path, roots) if spec.dataset.path is not None else []
-    errors += path_errors
-    description = None
-    if not path_errors:
-        try:
-            description = describe_dataset(spec.dataset, roots)
-        except DatasetError as error:
-            errors.append(dataset_field_error(error, spec.dataset, roots))
+    description, dataset_errors = _describe(spec.dataset, settings)
+    errors += dataset_errors
     if description is not None:
         errors += _data_errors(spec, description, settings)
     device = spec.training.device
@@ -104,6 +97,31 @@ def relative_to_roots(message: str, roots: list[Path]) -> str:
     for root in sorted(roots, key=lambda root: len(str(root)), reverse=True):
         message = message.replace(f"{root}/", "").replace(str(root), "<data root>")
     return message
+
+
+def check_dataset(dataset: DatasetSpec, settings: Settings) -> DatasetDescription:
+    """The data set ``dataset`` names, described from its files' headers, or a 422 problem naming
+    the field and the file (a path that leaves the data roots is refused before anything is
+    read)."""
+    description, errors = _describe(dataset, settings)
+    if errors:
+        raise invalid_input(errors)
+    assert description is not None
+    return description
+
+
+def _describe(
+    dataset: DatasetSpec, settings: Settings
+) -> tuple[DatasetDescription | None, list[dict[str, str]]]:
+    roots = resolved_roots(settings.resolved_data_roots())
+    if dataset.path is not None:
+        path_errors = _path_errors(dataset.path, roots)
+        if path_errors:
+            return None, path_errors
+    try:
+        return describe_dataset(dataset, roots), []
+    except DatasetError as error:
+        return None, [dataset_field_error(error, dataset, roots)]
 
 
 def dataset_field_error(

@@ -136,6 +136,8 @@ def test_a_folder_study_is_accepted_and_the_catalog_describes_the_folder(client:
         "train_examples": 12,
         "decoded_bytes": 0,
     }
+    outside = client.post("/datasets/inspect", json={"dataset": {"name": "folder", "path": "../x"}})
+    assert outside.status_code == 422 and "inside the data roots" in outside.text
     created = client.post("/studies", json=SPEC)
     assert created.status_code == 201, created.text
     names = {item["name"]: item for item in client.get("/datasets").json()["items"]}

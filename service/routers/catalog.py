@@ -15,11 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from service.admission import dataset_field_error
+from service.admission import check_dataset
 from service.dependencies import Resources, get_resources, require_read_key
-from service.problems import invalid_input
 from worker.datasets import DatasetError, DatasetInfo, describe_dataset, registered_datasets
-from worker.datasets.locate import resolved_roots
 from worker.losses import LOSSES
 from worker.models import ModelInfo, registered_models
 from worker.samplers import SAMPLER_DESCRIPTIONS
@@ -127,12 +125,7 @@ def inspect_dataset(
     """The task, input shape, classes and training-set size of ``query.dataset``, read from
     the files' structure and headers (nothing is decoded or stored); a 422 names what a study
     on it would be refused for."""
-    spec = query.dataset
-    roots = resolved_roots(resources.settings.resolved_data_roots())
-    try:
-        described = describe_dataset(spec, roots)
-    except DatasetError as error:
-        raise invalid_input([dataset_field_error(error, spec, roots)]) from None
+    described = check_dataset(query.dataset, resources.settings)
     return {
         "name": described.name,
         "kind": described.kind,

@@ -226,7 +226,9 @@ def decode_images(
     return images, labels
 
 
-def read_folder(layout: FolderLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, ...]:
+def read_folder(
+    layout: FolderLayout,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(x_train, y_train, x_test, y_test)`` (test ``None`` in the one-level layout)."""
     x_train, y_train = decode_images(layout.train, layout.input_shape)
     if layout.test is None:
