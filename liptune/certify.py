@@ -28,6 +28,7 @@ from liptune.nn.containers import CERTIFICATE_MODES
 
 __all__ = [
     "CERTIFICATE_MODES",
+    "MARGIN_DIVISORS",
     "certificate_mode",
     "certificates",
     "certified_robust_accuracy",
@@ -39,8 +40,11 @@ __all__ = [
 ]
 
 CertificateMode = Literal["binary", "global", "classwise"]
+#: c of radius = margin / (c L), per certificate mode: the margin is |f| (binary) or the top-two
+#: logit gap, which an L2 move of d changes by at most sqrt(2) d (global) or 2 d (classwise).
+MARGIN_DIVISORS: dict[str, float] = {"binary": 1.0, "global": math.sqrt(2.0), "classwise": 2.0}
 #: The factor that turns a logit gap into an L2 radius, per multiclass mode.
-_GAP_SCALE = {"global": 1.0 / math.sqrt(2.0), "classwise": 0.5}
+_GAP_SCALE = {mode: 1.0 / MARGIN_DIVISORS[mode] for mode in ("global", "classwise")}
 
 
 def _check_mode(mode: object) -> CertificateMode:

@@ -35,6 +35,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from liptune.certify import MARGIN_DIVISORS
 from liptune.nn import (
     FullSort,
     GroupSort,
@@ -420,7 +421,7 @@ def _radius(graph: _Graph, logits: str, mode: str, lipschitz: float) -> str:
         top, _ = graph.node("TopK", [flat, graph.constant([2], integer=True)], outputs=2, axis=1)
         first, second = graph.node("Split", [top], outputs=2, axis=1, num_outputs=2)
         margin = graph.op("Sub", first, second)
-        scale = {"global": math.sqrt(2.0), "classwise": 2.0}[mode] * lipschitz
+        scale = MARGIN_DIVISORS[mode] * lipschitz
     radius = graph.op("Div", margin, graph.constant(scale))
     return graph.op("Reshape", radius, graph.constant([-1], integer=True))
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from liptune.certify import (
-    CERTIFICATE_MODES,
+    MARGIN_DIVISORS,
     CertificateMode,
     _check_mode,
     predict_with_certificates,
@@ -46,7 +46,6 @@ CERTIFICATE_FILE = "certificate.json"
 #: The ``loader_module`` of the model's ``python_function`` flavor.
 LOADER_MODULE = __name__
 #: c of margin / (c L), per certificate mode.
-_CONSTANTS = {"binary": 1.0, "global": math.sqrt(2.0), "classwise": 2.0}
 
 
 class InvalidInput(ValueError):
@@ -78,7 +77,7 @@ class Certificate:
     @property
     def constant(self) -> float:
         """c of margin / (c L)."""
-        return _CONSTANTS[self.mode]
+        return MARGIN_DIVISORS[self.mode]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,9 +100,6 @@ class Certificate:
     @classmethod
     def load(cls, folder: str | Path) -> Certificate:
         return cls.from_json(json.loads((Path(folder) / CERTIFICATE_FILE).read_text()))
-
-
-assert set(_CONSTANTS) == set(CERTIFICATE_MODES)
 
 
 class CertifiedClassifier:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from pydantic import TypeAdapter
 
-from worker.datasets.describe import describe_dataset
+from worker.datasets.describe import DatasetDescription, describe_dataset
 from worker.datasets.loading import DEFAULT_SYNTHETIC_SAMPLES, TEST_FRACTION
 from worker.evaluation import EVAL_BATCH_SIZE
 from worker.models import build_model
@@ -103,18 +103,9 @@ class _Saved:
         return sum(self._storages.values())
 
 
-def num_classes(dataset: DatasetSpec, data_roots: Sequence[Path] | None = None) -> int:
-    """Classes the trained model tells apart: the spec's subset, else all of the data set's
-    (a user's data set read from ``data_roots``, default this process's)."""
-    if dataset.classes:
-        return len(dataset.classes)
-    return describe_dataset(dataset, data_roots).num_classes
-
-
-def training_examples(dataset: DatasetSpec, data_roots: Sequence[Path] | None = None) -> int:
+def _training_examples(dataset: DatasetSpec, description: DatasetDescription) -> int:
     """An upper bound of the train + validation splits' size together (a class subset keeps
     its share of the set; a synthetic set leaves its test fraction out)."""
-    description = describe_dataset(dataset, data_roots)
     if description.kind == "synthetic":
         return round((dataset.n_samples or DEFAULT_SYNTHETIC_SAMPLES) * (1 - TEST_FRACTION))
     pool = description.train_examples or dataset.n_samples or 0
@@ -210,7 +201,7 @@ def estimate(spec: TrialSpec, data_roots: Sequence[Path] | None = None) -> Cost:
     and the evaluation batch size (both capped by the training set's size), with its
     optimizer's moments and the train and validation splits resident."""
     description = describe_dataset(spec.dataset, data_roots)
-    examples = training_examples(spec.dataset, data_roots)
+    examples = _training_examples(spec.dataset, description)
     cap = examples or max(spec.training.batch_size, EVAL_BATCH_SIZE)
     training = spec.training
     moments = 2 if training.optimizer == "adam" else int(training.momentum > 0)

@@ -14,6 +14,7 @@ from typing import Literal
 from torch import nn
 
 from liptune import losses
+from liptune.certify import MARGIN_DIVISORS
 from worker.spec import FAMILY_PARAMS, PARAM_DEFAULTS, LossSpec
 
 Task = Literal["binary", "multiclass"]
@@ -170,7 +171,7 @@ def margin_limit(family: str, mode: str, input_size: int) -> float:
     binary f): a <= c sqrt(D) / 2. The HKR hinge asks a = margin/2 on a binary head and
     a = margin on a gap; the offset cross-entropy a = margin on both.
     """
-    lipschitz = {"binary": 1.0, "global": math.sqrt(2.0), "classwise": 2.0}[mode]
+    lipschitz = MARGIN_DIVISORS[mode]
     asked_per_margin = 0.5 if mode == "binary" and family != "offset_ce" else 1.0
     return lipschitz * math.sqrt(input_size) / 2.0 / asked_per_margin
 

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from worker.costs import num_classes
+from liptune.certify import MARGIN_DIVISORS
 from worker.datasets import describe_dataset
 from worker.models import certificate_mode
 from worker.search_space import grid, trial_params
@@ -252,10 +252,12 @@ def certified_gap(spec: StudySpec) -> float | None:
         return None
     eps = math.exp(sum(math.log(value) for value in wanted) / len(wanted))
     described = describe_dataset(spec.dataset)
-    mode = certificate_mode(spec.model, described.input_shape, described.num_classes)
-    if mode == "binary":
-        return eps
-    return eps * (math.sqrt(2.0) if mode == "global" else 2.0)
+    return (
+        eps
+        * MARGIN_DIVISORS[
+            certificate_mode(spec.model, described.input_shape, described.num_classes)
+        ]
+    )
 
 
 def eps_anchors(spec: StudySpec) -> dict[str, float]:
@@ -277,7 +279,7 @@ def eps_anchors(spec: StudySpec) -> dict[str, float]:
     gap = certified_gap(spec)
     if gap is None:
         return {}
-    binary = num_classes(spec.dataset) == 2
+    binary = describe_dataset(spec.dataset).task == "binary"
     return {"margin": 2 * gap if binary else gap, "temperature": 1.0 / gap, "offset_margin": gap}
 
 
