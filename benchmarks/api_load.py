@@ -151,7 +151,7 @@ def _synthetic_trials(n_trials: int, seed: int = 0) -> list:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import create_trial
 
-    from worker.radii import RadiiSummary
+    from worker.trial._certificates import RadiiSummary
 
     rng = np.random.default_rng(seed)
     distributions = {

@@ -36,7 +36,7 @@ def run(name: str, augmented: bool, epochs: int, n_samples: int, seed: int) -> d
     import torch
 
     from worker.spec import TrialSpec
-    from worker.trial import run_trial
+    from worker.trial._run import run_trial
 
     torch.set_num_threads(1)
     base = reference_spec(epochs, n_samples, 1, pooling="invertible")

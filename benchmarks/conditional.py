@@ -4,7 +4,7 @@ On the study-efficiency digits task (the MLP 64-64 of SpectralLinear + GroupSort
 batch 128, 10 epochs per trial, constant learning rate) it trains
 
 - the fixed networks: one per temperature of the study-efficiency ladder (0.03 ... 100, eight),
-  10 epochs each, with liptune's own training loop (:func:`worker.training.train`), as the
+  10 epochs each, with liptune's own training loop (:func:`worker.trial._training.train`), as the
   dense table's ``build`` does;
 - one conditioned network (:func:`liptune.nn.conditioned`: a FiLM layer after each hidden layer,
   scale in [1e-3, 1], free shift, from a 32-unit network of the condition), each example of each
@@ -43,13 +43,13 @@ from liptune.bounds import head_bound
 from liptune.export import vanilla_export, vanilla_export_at
 from liptune.losses import TauCrossEntropyLoss
 from liptune.nn import LogRange, conditioned
-from worker.datasets import load_dataset
-from worker.evaluation import accuracy_metrics, predict
-from worker.losses import build_loss
-from worker.models import build_model
-from worker.paths import default_data_roots, liptune_home
-from worker.training import make_optimizer, train
-from worker.trial import _attack_certificates
+from worker.common._paths import default_data_roots, liptune_home
+from worker.trial._evaluation import accuracy_metrics, predict
+from worker.trial._losses import build_loss
+from worker.trial._models import build_model
+from worker.trial._run import _attack_certificates
+from worker.trial._training import make_optimizer, train
+from worker.trial.datasets import load_dataset
 
 EPS = (0.3, 0.5, 1.0)
 RANGE = LogRange(0.03, 100.0)

@@ -3,9 +3,9 @@
 For each shape (28x28 grey, 32x32 colour) it writes N PNG files in ten class folders (the
 one-level ImageFolder layout), then times, in this process:
 
-- ``inspect``: :func:`worker.datasets.describe_dataset` from the files' headers, as a
+- ``inspect``: :func:`worker.trial.datasets.describe_dataset` from the files' headers, as a
   submission does (nothing decoded);
-- ``first load``: the first trial's :func:`worker.datasets.load_dataset` (decodes every image
+- ``first load``: the first trial's :func:`worker.trial.datasets.load_dataset` (decodes every image
   once into the ``uint8`` cache, then makes the trial's float splits);
 - ``second load``: another trial of the study (another seed): no decoding, the cache's arrays
   are split again;
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from worker.datasets import clear_cache, clear_descriptions, describe_dataset, load_dataset
-from worker.datasets import folder as folder_module
 from worker.spec import DatasetSpec
+from worker.trial.datasets import clear_cache, clear_descriptions, describe_dataset, load_dataset
+from worker.trial.datasets import folder as folder_module
 
 SHAPES = {"28x28 grey": (1, 28, 28), "32x32 colour": (3, 32, 32)}
 

@@ -1,8 +1,8 @@
 """Trial throughput on one device: the Fashion-MNIST reference trial, 1, 2, 4, 8 at once.
 
 Each concurrent trial is its own process, as ``liptune worker --trials-per-device N`` runs them
-(see :mod:`worker.devices`): a child imports torch, loads the data and builds nothing else, says
-it is ready, and waits; the clock starts when every child of a round is ready and stops when
+(see :mod:`worker.trial._devices`): a child imports torch, loads the data and builds nothing else,
+says it is ready, and waits; the clock starts when every child of a round is ready and stops when
 the last one has finished its trial (training, export, bound, test certificates; no MLflow).
 Per round it reports:
 
@@ -10,7 +10,7 @@ Per round it reports:
   issue's target is >= 4x with concurrent trials on a GPU);
 - ``epochs_per_s`` (all trials' epochs / wall time) and the median seconds of one epoch;
 - on CUDA, ``torch.cuda.max_memory_allocated`` of each trial beside its estimate
-  (:func:`worker.devices.trial_memory_bytes`), and the GPU's utilisation and memory sampled
+  (:func:`worker.trial._devices.trial_memory_bytes`), and the GPU's utilisation and memory sampled
   every 0.5 s with ``nvidia-smi`` (mean and max) when it is installed.
 
 On the CPU the cores are shared evenly between the children (torch threads = cores // N).
@@ -41,11 +41,11 @@ def child(spec_json: str, device: str, data_roots: list[Path] | None = None) -> 
     """One trial: load, say ``ready``, wait for a line on stdin, run, print the figures."""
     import torch
 
-    from worker.datasets import load_dataset
-    from worker.devices import trial_memory_bytes
-    from worker.paths import default_data_roots, liptune_home
+    from worker.common._paths import default_data_roots, liptune_home
     from worker.spec import TrialSpec
-    from worker.trial import run_trial
+    from worker.trial._devices import trial_memory_bytes
+    from worker.trial._run import run_trial
+    from worker.trial.datasets import load_dataset
 
     spec = TrialSpec.model_validate_json(spec_json)
     roots = data_roots or default_data_roots(liptune_home())

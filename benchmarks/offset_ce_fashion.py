@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study_efficiency as se
 
-from worker.radii import RadiiSummary
+from worker.trial._certificates import RadiiSummary
 
 REPORTED_EPS = (0.25, 0.5, 1.0)
 ACCURACY_FLOOR = 0.80

@@ -34,11 +34,11 @@ import torch
 
 from liptune.attacks import certificate_check, minimal_l2_attack
 from liptune.certify import certificate_mode, gradient_norm_ratio, predict_with_certificates
-from worker.datasets.loading import load_dataset
-from worker.paths import SYSTEM_DATA_ROOT, default_data_roots, liptune_home
+from worker.common._paths import SYSTEM_DATA_ROOT, default_data_roots, liptune_home
 from worker.spec import TrialSpec, metric_key
-from worker.tracking import TrackingConfig
-from worker.trial import run_trial
+from worker.tracking._mlflow import TrackingConfig
+from worker.trial._run import run_trial
+from worker.trial.datasets._loading import load_dataset
 
 EPS = [0.1, 0.25, 0.5, 1.0]
 

@@ -51,16 +51,16 @@ import numpy as np
 import optuna
 import torch
 
-from worker.datasets import load_dataset
-from worker.evaluation import accuracy_metrics, predict
-from worker.losses import build_loss
-from worker.models import build_model
-from worker.paths import default_data_roots, liptune_home
-from worker.pruning import MOASHA
-from worker.samplers import LADDER_POINTS, build_sampler, guideline_points
-from worker.search_space import suggest_params
+from worker.common._paths import default_data_roots, liptune_home
+from worker.search._pruning import MOASHA
+from worker.search._samplers import LADDER_POINTS, build_sampler, guideline_points
+from worker.search._space import suggest_params
 from worker.spec import StudySpec
-from worker.training import resolve_device, train
+from worker.trial._evaluation import accuracy_metrics, predict
+from worker.trial._losses import build_loss
+from worker.trial._models import build_model
+from worker.trial._training import resolve_device, train
+from worker.trial.datasets import load_dataset
 
 DATA = Path(__file__).parent / "data"
 REPORT_EPS = (0.1, 0.3, 0.5, 1.0)
@@ -566,7 +566,7 @@ def optuna_method(
 ) -> Callable[[Replay, int, int], Trace]:
     """A liptune study: the real sampler and pruner of the spec, over the table. ``anchored =
     False`` (``guided`` only, an ablation) starts the ladders at their middles instead of at the
-    objective's eps (:func:`worker.samplers.eps_anchors`)."""
+    objective's eps (:func:`worker.search._samplers.eps_anchors`)."""
 
     def method(replay: Replay, seed: int, budget: int) -> Trace:
         update: dict[str, Any] = {"sampler": sampler, "seed": seed}
@@ -932,9 +932,9 @@ def _run_live(spec: StudySpec) -> dict[str, Any]:
     import uuid
 
     from service.migrations import upgrade
-    from worker.pool import Worker, WorkerOptions
-    from worker.record import TrialRecord
-    from worker.studies import create_study, optuna_study_name
+    from worker.loop import Worker, WorkerOptions
+    from worker.study._record import TrialRecord
+    from worker.study._studies import create_study, optuna_study_name
 
     with tempfile.TemporaryDirectory() as folder:
         url = f"sqlite:///{folder}/live.db"

@@ -3,7 +3,7 @@
 1. Machinery share: a study searched by GPSampler (one loss family, two ranges, two objectives)
    with 50 finished trials (told synthetic values, with their claims, so the sampler and the
    budget count see a realistic history), then real 10-epoch digits trials run by a real
-   :class:`worker.pool.Worker`. For each trial, the machinery time is the worker's wall time for
+   :class:`worker.loop.Worker`. For each trial, the machinery time is the worker's wall time for
    the whole trial (study list, stale check, claim, ask with GPSampler, tell, claim bookkeeping)
    minus the time inside ``run_trial``, plus the heartbeats that a trial of this length sends
    (measured, times the number of heartbeat intervals it lasts). Target: < 2 % of the trial.
@@ -42,12 +42,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from service.migrations import upgrade  # noqa: E402
 from worker import claims, pool  # noqa: E402
-from worker.search_space import suggest_params  # noqa: E402
+from worker.search._space import suggest_params  # noqa: E402
 from worker.spec import StudySpec  # noqa: E402
-from worker.storage import DEFAULT_HEARTBEAT_INTERVAL_S  # noqa: E402
-from worker.store import StudyStore  # noqa: E402
-from worker.studies import create_study, optuna_study_name  # noqa: E402
-from worker.tracking import TrackingConfig  # noqa: E402
+from worker.study._engine import DEFAULT_HEARTBEAT_INTERVAL_S  # noqa: E402
+from worker.study._store import StudyStore  # noqa: E402
+from worker.study._studies import create_study, optuna_study_name  # noqa: E402
+from worker.tracking._mlflow import TrackingConfig  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -127,14 +127,14 @@ def machinery_share(trials: int, *, tracked: bool) -> dict[str, float]:
         finally:
             pool.run_trial, pool.suggest_params = real_run_trial, real_suggest
 
-        claim = worker.store.claim(
+        claim = worker.study._store.claim(
             optuna_study_name(study_id), n_trials=spec.n_trials, worker_id="hb"
         )
         assert claim is not None
         beats = []
         for _ in range(10):
             started = time.perf_counter()
-            worker.store.heartbeat(claim, 1)
+            worker.study._store.heartbeat(claim, 1)
             beats.append(time.perf_counter() - started)
 
     trial_s = statistics.median(inside)

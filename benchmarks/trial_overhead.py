@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from worker.spec import TrialSpec
-from worker.tracking import TrackingConfig
-from worker.trial import run_trial
+from worker.tracking._mlflow import TrackingConfig
+from worker.trial._run import run_trial
 
 # L2 pooling as when the recorded figures were measured (the zoo's default is now invertible).
 MODELS = {

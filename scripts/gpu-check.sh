@@ -122,12 +122,12 @@ sync_count() {
     .venv/bin/python - "$DEVICE" <<'EOF'
 import math, sys, warnings
 import torch
-from worker.augment import build_augmentation
-from worker.datasets import load_dataset
-from worker.losses import build_loss
-from worker.models import build_model
+from worker.trial._augment import build_augmentation
+from worker.trial.datasets import load_dataset
+from worker.trial._losses import build_loss
+from worker.trial._models import build_model
 from worker.spec import TrialSpec
-from worker.training import make_optimizer, train_epoch
+from worker.trial._training import make_optimizer, train_epoch
 
 device = torch.device(sys.argv[1])
 spec = TrialSpec.model_validate({
@@ -244,7 +244,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.datasets.cifar import write_cifar_dataset
+from worker.trial.datasets._cifar import write_cifar_dataset
 
 directory, n_train, n_test = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)

@@ -2,9 +2,9 @@
 
 The schema (:class:`worker.spec.StudySpec`) checks a spec on its own; this module checks it
 against the server: its limits (trials, epochs, model size and training memory from
-:func:`worker.costs.study_cost`), its data roots (``dataset.path`` must stay inside them,
+:func:`worker.trial._costs.study_cost`), its data roots (``dataset.path`` must stay inside them,
 through ``..`` or symlinks alike), the data set as its files' structure and headers describe it
-(:func:`worker.datasets.describe_dataset`: a user's folder or ``.npz`` is refused here, naming
+(:func:`worker.trial.datasets.describe_dataset`: a user's folder or ``.npz`` is refused here, naming
 the file, for what a worker would refuse), its classes and input shape (the architecture must
 fit it, and augmentation needs images), a plugin network's modules (the guaranteed bound must
 know each, checked on the ``meta`` device), and the training devices the workers have.
@@ -21,13 +21,16 @@ import torch
 
 from service.config import Settings
 from service.problems import field_error, invalid_input
-from worker.augment import augmentation_error
-from worker.costs import study_cost
-from worker.datasets import DatasetDescription, DatasetError, describe_dataset
-from worker.datasets.locate import resolved_roots
-from worker.losses import LOSSES, margin_limit
-from worker.models import certificate_mode, check_model
 from worker.spec import FAMILY_PARAMS, DatasetSpec, PluginModelSpec, Range, StudySpec
+from worker.trial import (
+    LOSSES,
+    augmentation_error,
+    certificate_mode,
+    check_model,
+    margin_limit,
+    study_cost,
+)
+from worker.trial.datasets import DatasetDescription, DatasetError, describe_dataset, resolved_roots
 
 
 def _gib(n_bytes: int) -> str:
@@ -166,8 +169,9 @@ def _margin_values(space: object) -> list[float]:
 
 
 def _margin_errors(spec: StudySpec, description: DatasetDescription) -> list[dict[str, str]]:
-    """Margins no training can meet on inputs in [0, 1]^D (:func:`worker.losses.margin_limit`);
-    synthetic sets are not in the unit cube, so they are not checked."""
+    """Margins no training can meet on inputs in [0, 1]^D
+    (:func:`worker.trial._losses.margin_limit`); synthetic sets are not in the unit cube, so they
+    are not checked."""
     if description.kind == "synthetic" or description.num_classes < 2:
         return []
     try:

@@ -33,11 +33,10 @@ from service.routers import catalog, health, pages, studies, trials
 from service.routers.health import StudyCollector, WorkerCollector
 from service.schemas import InfJSONResponse
 from service.schemas import Problem as ProblemSchema
-from worker import costs
-from worker.datasets import set_data_roots
-from worker.redact import install_log_redaction
-from worker.storage import engine_kwargs
-from worker.store import StudyStore
+from worker.common import engine_kwargs, install_log_redaction
+from worker.study import StudyStore
+from worker.trial import warm_up
+from worker.trial.datasets import set_data_roots
 
 DESCRIPTION = """
 Explore the accuracy / certified-robustness trade-off of 1-Lipschitz networks: submit a study,
@@ -97,12 +96,12 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     that exits while it runs aborts in torch's C++ (exit status 134): so shutdown joins it, and the
     thread is not a daemon, so that an exit which skips shutdown still waits for it.
     """
-    warm_up = threading.Thread(target=costs.warm_up, name="cost-warm-up")
-    warm_up.start()
+    warming = threading.Thread(target=warm_up, name="cost-warm-up")
+    warming.start()
     try:
         yield
     finally:
-        await asyncio.to_thread(warm_up.join)
+        await asyncio.to_thread(warming.join)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

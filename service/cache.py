@@ -4,7 +4,7 @@ Reading every trial of a study from Optuna's RDB storage takes about a second pe
 trials. A finished trial never changes, so a :class:`StudySnapshot` keeps the records (and the
 decoded radii) of finished trials for good and, on refresh, asks the storage only for the
 trials it has not seen finish: the ones that were unfinished and the new ones (one query,
-:meth:`worker.store.StudyStore.trials_since`). A snapshot older than the TTL
+:meth:`worker.study._store.StudyStore.trials_since`). A snapshot older than the TTL
 is refreshed by the next read; while one thread refreshes, other readers keep answering from
 the previous snapshot. Derived results (the front at an eps, the study summary) are memoised
 per snapshot version.
@@ -27,10 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import results
 from service.db import StudyRow
-from worker.radii import RadiiSummary
 from worker.spec import StudySpec
-from worker.store import StudyStore
-from worker.studies import StudyStatus
+from worker.study import StudyStatus, StudyStore
+from worker.trial import RadiiSummary
 
 #: Derived results kept per snapshot (e.g. fronts at this many distinct eps).
 MAX_DERIVED = 64

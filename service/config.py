@@ -25,13 +25,13 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from worker.paths import (
+from worker.common import (
     default_data_roots,
     default_storage_url,
     default_tracking_uri,
     liptune_home,
+    resolve_url,
 )
-from worker.storage import resolve_url
 
 HASH_PREFIX = "sha256:"
 
@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     max_parameters: int = Field(
         default=50_000_000,
         ge=1,
-        description="Largest model a study may train, in free parameters (see worker/costs.py).",
+        description="Largest model a study may train, in free parameters "
+        "(see worker/trial/_costs.py).",
     )
     max_activation_bytes: int = Field(
         default=4 * 2**30,

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.cache import StudyCache, StudySnapshot, UnknownStudy
 from service.config import HASH_PREFIX, Settings
 from service.problems import Problem
-from worker.store import StudyStore
+from worker.study import StudyStore
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Resources:
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
-        """The store's Optuna storage (what :mod:`worker.studies`' functions take)."""
+        """The store's Optuna storage (what :mod:`worker.study._studies`' functions take)."""
         return self.store.storage
 
 

@@ -26,8 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.redact import redact
-from worker.retry import store_unreachable
+from worker.common import redact, store_unreachable
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 #: Problem types are documented on this page of the API docs (an anchor per ``type``).

@@ -10,7 +10,8 @@ Conventions:
 - Only ``COMPLETE`` trials whose ``feasible`` is not ``False`` take part in fronts, best values,
   hypervolume and recommendations.
 - A front "at eps" is the front in (clean accuracy, certified accuracy at eps), recomputed from the
-  radii each trial stored (:class:`worker.radii.RadiiSummary`), so no retraining is needed.
+  radii each trial stored (:class:`worker.trial._certificates.RadiiSummary`), so no retraining is
+  needed.
 - Values are compared as Optuna does: one direction per objective, ``maximize`` or ``minimize``.
 """
 
@@ -26,11 +27,10 @@ import moocore
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from worker.front import as_losses, non_dominated
-from worker.radii import RadiiSummary
-from worker.record import TrialRecord
-from worker.search_space import trial_params
+from worker.search import as_losses, non_dominated, trial_params
 from worker.spec import DEFAULT_REPORT_EPS, FAMILY_PARAMS, StudySpec, metric_key
+from worker.study import TrialRecord
+from worker.trial import RadiiSummary
 
 #: Trial states as the API names them, in display order.
 TRIAL_STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")

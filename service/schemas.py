@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
 
 from service.results import TRIAL_STATES
-from worker.studies import STATUSES
+from worker.study import STATUSES
 
 TrialStateName = Literal[TRIAL_STATES]  # type: ignore[valid-type]
 StudyStatusName = Literal[STATUSES]  # type: ignore[valid-type]

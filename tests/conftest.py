@@ -60,7 +60,7 @@ def mlflow_store() -> Callable[[str], AbstractContextManager[None]]:
     """``with mlflow_store(uri):`` points MLflow's fluent API (``mlflow.pytorch.load_model``,
     ``models:/`` URIs) at ``uri`` for the block only, as a user's ``mlflow.set_tracking_uri``
     would, without leaking a process-wide URI into the tests that run after."""
-    from worker.store import using_tracking_uri
+    from worker.tracking._mlflow import using_tracking_uri
 
     return using_tracking_uri
 

@@ -19,7 +19,7 @@ from optuna.trial import TrialState, create_trial
 from test_api_studies import DIGITS_SPEC, PROBLEM, make_client
 
 from service import results
-from worker.radii import RadiiSummary
+from worker.trial._certificates import RadiiSummary
 
 CERT = "certified_accuracy_eps_0.3"
 DISTRIBUTIONS = {

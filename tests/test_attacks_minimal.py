@@ -5,9 +5,9 @@ import torch
 
 from liptune import certify
 from liptune.attacks import certificate_check, minimal_l2_attack
-from worker.datasets import load_dataset
 from worker.spec import TrialSpec
-from worker.trial import run_trial
+from worker.trial._run import run_trial
+from worker.trial.datasets import load_dataset
 
 
 def trained(model: dict, epochs: int):

@@ -1,5 +1,5 @@
-"""Training augmentation (worker.augment): per-image random crops and flips drawn on the batch's
-device, refused for data that are not images, and absent from every evaluation."""
+"""Training augmentation (worker.trial._augment): per-image random crops and flips drawn on the
+batch's device, refused for data that are not images, and absent from every evaluation."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.augment import (
+from worker.spec import AugmentSpec, TrainingSpec
+from worker.trial._augment import (
     augmentation_error,
     build_augmentation,
     random_crop,
     random_horizontal_flip,
 )
-from worker.spec import AugmentSpec, TrainingSpec
 
 
 def images(n: int = 6, channels: int = 3, size: int = 8) -> torch.Tensor:

@@ -6,9 +6,9 @@ from typing import Any
 from optuna.trial import TrialState
 
 from service.migrations import upgrade
-from worker.pool import Worker, WorkerOptions
-from worker.record import TrialRecord
-from worker.studies import create_study, optuna_study_name
+from worker.loop import Worker, WorkerOptions
+from worker.study._record import TrialRecord
+from worker.study._studies import create_study, optuna_study_name
 
 
 def test_a_classwise_study_completes_with_bounds_recorded(

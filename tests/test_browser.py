@@ -24,7 +24,7 @@ from test_pages import JSON, failed_trial, populate
 
 from service.app import create_app
 from service.config import Settings
-from worker.studies import load_study
+from worker.study._studies import load_study
 
 pytestmark = pytest.mark.browser
 

@@ -10,8 +10,9 @@ import pytest
 from test_browser import browser, open_page, page, screenshot, server  # noqa: F401
 from test_pages import told_trial
 
-from worker.record import AttackSummary, TrialRecord
-from worker.studies import load_study
+from worker.study._record import TrialRecord
+from worker.study._studies import load_study
+from worker.trial._certificates import AttackSummary
 
 pytestmark = pytest.mark.browser
 

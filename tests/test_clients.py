@@ -15,9 +15,9 @@ import pytest
 from optuna_dashboard import wsgi
 
 from service.migrations import upgrade
-from worker.pool import Worker, WorkerOptions
-from worker.record import key
-from worker.studies import create_study, optuna_study_name
+from worker.loop import Worker, WorkerOptions
+from worker.study._record import key
+from worker.study._studies import create_study, optuna_study_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

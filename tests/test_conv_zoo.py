@@ -13,10 +13,10 @@ from liptune.export import vanilla_export
 from liptune.nn import AOLConv2d, BCOPConv2d, SpectralConv2d
 from service.app import create_app
 from service.config import Settings
-from worker.models import build_model
-from worker.search_space import PARAMS_ATTR, enqueue, grid, suggest_params
+from worker.search._space import PARAMS_ATTR, enqueue, grid, suggest_params
 from worker.spec import CONV_FAMILIES, ConvNetSpec, ResNetSpec, SearchSpace
-from worker.trial import run_trial
+from worker.trial._models import build_model
+from worker.trial._run import run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

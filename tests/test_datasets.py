@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from worker.datasets import DATASETS, DatasetError, clear_cache, load_dataset
-from worker.datasets.cifar import read_batch, write_cifar_dataset
-from worker.datasets.synthetic import inside_polygon, koch_snowflake
-from worker.paths import SYSTEM_DATA_ROOT
+from worker.common._paths import SYSTEM_DATA_ROOT
 from worker.spec import DatasetSpec
+from worker.trial.datasets import DATASETS, DatasetError, clear_cache, load_dataset
+from worker.trial.datasets._cifar import read_batch, write_cifar_dataset
+from worker.trial.datasets._synthetic import inside_polygon, koch_snowflake
 
 FASHION_DIR = SYSTEM_DATA_ROOT / "fashion-mnist"
 

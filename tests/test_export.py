@@ -34,8 +34,8 @@ from liptune.nn import (
     SpectralLinear,
 )
 from liptune.onnx import UnsupportedModule, to_onnx
-from worker.models import build_model
 from worker.spec import ModelSpec
+from worker.trial._models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

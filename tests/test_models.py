@@ -18,8 +18,6 @@ from liptune.nn import (
     SpectralConv2d,
     SpectralLinear,
 )
-from worker.losses import LOSSES, build_loss
-from worker.models import MODELS, build_model
 from worker.spec import (
     FAMILY_PARAMS,
     LOSS_FAMILIES,
@@ -28,6 +26,8 @@ from worker.spec import (
     MLPSpec,
     ResNetSpec,
 )
+from worker.trial._losses import LOSSES, build_loss
+from worker.trial._models import MODELS, build_model
 
 torch.set_num_threads(1)
 

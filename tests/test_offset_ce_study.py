@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from worker.pool import Worker, WorkerOptions
+from worker.loop import Worker, WorkerOptions
 
 AUGMENT = {"random_crop": 2, "horizontal_flip": True}
 CONV = {"name": "convnet", "channels": [8], "dense_widths": [16], "pooling": "invertible"}

@@ -21,8 +21,8 @@ from test_api_studies import DIGITS_SPEC
 from service.app import create_app
 from service.config import Settings
 from service.routers.pages import prefers_html
-from worker.radii import RadiiSummary
-from worker.studies import load_study
+from worker.study._studies import load_study
+from worker.trial._certificates import RadiiSummary
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -23,10 +23,11 @@ from test_pages import HTML, JSON, told_trial, with_role
 
 from service.app import create_app
 from service.config import Settings
-from worker.pool import Worker, WorkerOptions
-from worker.record import AttackSummary, TrialRecord
-from worker.studies import load_study
-from worker.tracking import TrackingConfig
+from worker.loop import Worker, WorkerOptions
+from worker.study._record import TrialRecord
+from worker.study._studies import load_study
+from worker.tracking._mlflow import TrackingConfig
+from worker.trial._certificates import AttackSummary
 
 
 @pytest.fixture

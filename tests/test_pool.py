@@ -1,6 +1,6 @@
 """How a worker's --threads and a spec's training.threads combine (as the README says)."""
 
-from worker.pool import trial_threads
+from worker.loop import trial_threads
 
 
 def test_the_spec_asks_and_the_worker_caps():

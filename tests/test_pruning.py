@@ -8,8 +8,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from worker.front import non_dominated_fronts
-from worker.pruning import (
+from worker.search._front import non_dominated_fronts
+from worker.search._pruning import (
     MOASHA,
     RungResult,
     crowding_distance,

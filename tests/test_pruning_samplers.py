@@ -9,7 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from worker.samplers import (
+from worker.search._samplers import (
     SAMPLER_DESCRIPTIONS,
     BestOf,
     GuidedSampler,
@@ -18,7 +18,7 @@ from worker.samplers import (
     guideline_points,
     resolve_sampler,
 )
-from worker.search_space import suggest_params
+from worker.search._space import suggest_params
 from worker.spec import SAMPLERS, SearchSpace, StudySpec
 
 SPACE = {

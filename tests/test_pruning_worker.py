@@ -16,17 +16,17 @@ from fastapi.testclient import TestClient
 from optuna.trial import TrialState
 
 from service.migrations import upgrade
-from worker import claims
-from worker.datasets import load_dataset
-from worker.evaluation import mean_certified_radius, predict
-from worker.losses import build_loss
-from worker.models import build_model
-from worker.pool import Worker, WorkerOptions
-from worker.pruning import MOASHA
-from worker.record import TrialRecord
+from worker.loop import Worker, WorkerOptions
+from worker.search._pruning import MOASHA
 from worker.spec import LossSpec, StudySpec, TrainingSpec
-from worker.studies import create_study, optuna_study_name
-from worker.training import train
+from worker.study import _claims as claims
+from worker.study._record import TrialRecord
+from worker.study._studies import create_study, optuna_study_name
+from worker.trial._evaluation import mean_certified_radius, predict
+from worker.trial._losses import build_loss
+from worker.trial._models import build_model
+from worker.trial._training import train
+from worker.trial.datasets import load_dataset
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -175,7 +175,7 @@ def test_two_workers_decide_at_once_on_postgresql(
     table = claims.claims
     import sqlalchemy as sa
 
-    from worker.storage import transaction_engine
+    from worker.study._engine import transaction_engine
 
     with transaction_engine(postgres_url).connect() as connection:
         rows = connection.execute(

@@ -6,8 +6,8 @@ import numpy as np
 import optuna
 import pytest
 
-from worker.radii import RadiiSummary
-from worker.record import AttackSummary, TrialRecord, key
+from worker.study._record import TrialRecord, key
+from worker.trial._certificates import AttackSummary, RadiiSummary
 
 
 def test_record_round_trips_through_optuna_storage(tmp_path):

@@ -21,9 +21,9 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import REPO_ROOT
 from tests.test_api_studies import DIGITS_SPEC, make_client, stored
-from worker.costs import estimate, study_cost
-from worker.models import build_model
 from worker.spec import StudySpec, TrialSpec
+from worker.trial._costs import estimate, study_cost
+from worker.trial._models import build_model
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_the_parameter_count_is_the_built_models(model: dict[str, Any]):
 # would come from reused heap pages and the resident size would not grow.
 _MEASURE_FORWARD = """
 import gc, os, torch
-from worker.models import build_model
+from worker.trial._models import build_model
 from worker.spec import TrialSpec
 
 def rss():

@@ -14,7 +14,7 @@ import optuna
 from fastapi.testclient import TestClient
 
 from tests.test_api_studies import DIGITS_SPEC, make_client, stored
-from worker.studies import load_spec, optuna_study_name
+from worker.study._studies import load_spec, optuna_study_name
 
 EXTENDS = 20
 

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from tests.conftest import REPO_ROOT
 from tests.test_workers import new_study, trials_in
-from worker.pool import failure_budget
+from worker.loop import failure_budget
 
 #: The worker's address space: an idle worker maps about 1.1 GiB, a tiny trial adds little.
 ADDRESS_SPACE = 3 * 2**30
@@ -86,7 +86,7 @@ def test_a_device_out_of_memory_names_the_allocation(tiny_study_spec) -> None:
     """CUDA's allocator words it differently (``torch.OutOfMemoryError``): same reason."""
     import torch
 
-    from worker.trial import allocation_failed, out_of_memory_reason
+    from worker.trial._run import allocation_failed, out_of_memory_reason
 
     spec = tiny_study_spec().trial_spec({"loss": "hkr", "margin": 0.5, "alpha_kr": 10.0}, seed=0)
     error = torch.OutOfMemoryError(

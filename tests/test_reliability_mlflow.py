@@ -19,8 +19,8 @@ from test_topology import BIN, Services, _healthy, child_env, free_port, wait_fo
 
 from service.app import create_app
 from service.config import Settings
-from worker.studies import optuna_study_name
-from worker.tracking import ABANDONED_REASON, FAILURE_TAG
+from worker.study._studies import optuna_study_name
+from worker.tracking._mlflow import ABANDONED_REASON, FAILURE_TAG
 
 N_TRIALS = 3
 

@@ -71,7 +71,7 @@ def test_no_response_nor_log_line_of_a_real_app_carries_a_store_password(
     from test_pages import told_trial
     from test_reliability_reads import OPEN, PAGES, PROTECTED, figure_name, url
 
-    from worker.studies import load_study
+    from worker.study._studies import load_study
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

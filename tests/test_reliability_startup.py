@@ -90,7 +90,7 @@ def _rounds(
 
 def _open_study_store(index: int, round_: int, folder: str) -> None:
     from service.migrations import upgrade
-    from worker.store import StudyStore
+    from worker.study._store import StudyStore
 
     url = f"sqlite:///{folder}/round-{round_}.db"
     store = StudyStore(url)
@@ -144,7 +144,7 @@ def test_processes_starting_together_on_a_fresh_sqlite_store_all_come_up(
 
 
 def _log_a_run(index: int, round_: int, tracking_uri: str, artifact_root: str) -> None:
-    from worker import tracking
+    from worker.tracking import _mlflow as tracking
 
     config = tracking.TrackingConfig(tracking_uri, Path(artifact_root))
     run_id = tracking.start_run(
@@ -156,7 +156,7 @@ def _log_a_run(index: int, round_: int, tracking_uri: str, artifact_root: str) -
 def _assert_every_process_logged_its_run(tracking_uri: str, processes: int) -> None:
     from mlflow import MlflowClient
 
-    from worker.storage import resolve_url
+    from worker.common._databases import resolve_url
 
     client = MlflowClient(resolve_url(tracking_uri))
     experiment = client.get_experiment_by_name("startup")
@@ -169,7 +169,7 @@ def test_workers_starting_together_on_a_fresh_local_mlflow_store_all_log_their_r
     tmp_path: Path,
 ) -> None:
     """MLflow creates a fresh database's schema unlocked: without the lock in
-    :func:`worker.tracking._client`, most processes failed with "duplicate column name"."""
+    :func:`worker.tracking._mlflow._client`, most processes failed with "duplicate column name"."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     errors = _run_rounds(_log_a_run, (uri, str(tmp_path / "artifacts")), 4, 1)
     assert errors == []

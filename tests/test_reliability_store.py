@@ -183,8 +183,8 @@ def test_an_outage_at_the_ask_and_at_an_epoch_record_is_ridden_out(
     from optuna.trial import TrialState
 
     from tests.test_workers import claim_rows, new_study, trials_in
-    from worker import pool
-    from worker.pool import Worker, WorkerOptions
+    from worker import loop as pool
+    from worker.loop import Worker, WorkerOptions
 
     n_trials = 2
     spec = tiny_study_spec(n_trials=n_trials, training={"epochs": 2, "batch_size": 64, "lr": 0.01})

@@ -14,8 +14,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from service import results
-from worker.radii import RadiiSummary
 from worker.spec import StudySpec
+from worker.trial._certificates import RadiiSummary
 
 SPEC = StudySpec.model_validate(
     {

@@ -10,8 +10,8 @@ import logging
 import pytest
 import sqlalchemy.exc
 
-from worker.retry import RetryPolicy, retried, retrying
-from worker.store import StudyStore
+from worker.common._retry import RetryPolicy, retried, retrying
+from worker.study._store import StudyStore
 
 
 def test_every_storage_operation_of_the_store_is_retried() -> None:

@@ -9,8 +9,14 @@ from typing import Any
 import optuna
 import pytest
 
-from worker.samplers import GP_MAX_TRIALS, LARGE_BUDGET, build_sampler, resolve_sampler, worker_seed
-from worker.search_space import suggest_params
+from worker.search._samplers import (
+    GP_MAX_TRIALS,
+    LARGE_BUDGET,
+    build_sampler,
+    resolve_sampler,
+    worker_seed,
+)
+from worker.search._space import suggest_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.search_space import PARAMS_ATTR, enqueue, grid, suggest_params, trial_params
+from worker.search._space import PARAMS_ATTR, enqueue, grid, suggest_params, trial_params
 from worker.spec import FAMILY_PARAMS, LOSS_FAMILIES, PARAM_DEFAULTS, Range, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

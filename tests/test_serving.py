@@ -26,11 +26,11 @@ from liptune.certify import predict_with_certificates
 from liptune.serving import Certificate, CertifiedClassifier, InvalidInput
 from service.cli import main
 from service.commands.train import certificate_check_line
-from worker.datasets import load_dataset
-from worker.record import AttackSummary
 from worker.spec import TrialSpec
-from worker.tracking import TrackingConfig, register_model
-from worker.trial import run_trial
+from worker.tracking._mlflow import TrackingConfig, register_model
+from worker.trial._certificates import AttackSummary
+from worker.trial._run import run_trial
+from worker.trial.datasets import load_dataset
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from torch.autograd.functional import jacobian
 from liptune.bounds import layer_bounds, lipschitz_bound, sll_bound
 from liptune.export import vanilla_export
 from liptune.nn import LipschitzSequential, SLLConv2d, SLLResidual, SpectralLinear
-from worker.models import build_model
 from worker.spec import ResNetSpec
+from worker.trial._models import build_model
 
 torch.set_num_threads(1)
 

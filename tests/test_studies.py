@@ -14,10 +14,10 @@ import pytest
 import sqlalchemy as sa
 
 from service.migrations import upgrade
-from worker import claims
-from worker.search_space import suggest_params
-from worker.storage import open_storage, transaction_engine
-from worker.studies import (
+from worker.search._space import suggest_params
+from worker.study import _claims as claims
+from worker.study._engine import open_storage, transaction_engine
+from worker.study._studies import (
     cancel_study,
     create_study,
     extend_study,
@@ -199,7 +199,7 @@ def test_processes_starting_together_on_a_fresh_database_all_get_the_schema(
 
 
 def test_a_store_on_an_unmigrated_database_says_how_to_migrate(tmp_path: Path) -> None:
-    from worker.store import SchemaMissing, StudyStore
+    from worker.study._store import SchemaMissing, StudyStore
 
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     store = StudyStore(url)

@@ -35,8 +35,8 @@ import pytest
 import torch
 from psycopg2 import sql
 
-from worker.datasets import load_dataset
 from worker.spec import DatasetSpec
+from worker.trial.datasets import load_dataset
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

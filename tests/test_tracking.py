@@ -15,11 +15,8 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from liptune.certify import certificates, predict_with_certificates
-from worker.datasets import load_dataset
-from worker.radii import RadiiSummary
 from worker.spec import TrialSpec
-from worker.store import using_tracking_uri
-from worker.tracking import (
+from worker.tracking._mlflow import (
     MODEL_URI_TAG,
     TRIAL_NUMBER_TAG,
     TrackingConfig,
@@ -30,8 +27,11 @@ from worker.tracking import (
     onnx_providers,
     register_model,
     start_run,
+    using_tracking_uri,
 )
-from worker.trial import FAILURE_TAG, run_trial
+from worker.trial._certificates import RadiiSummary
+from worker.trial._run import FAILURE_TAG, run_trial
+from worker.trial.datasets import load_dataset
 
 torch.set_num_threads(1)
 TAGS = {"liptune.study_id": "abc123", "liptune.trial_number": "7"}

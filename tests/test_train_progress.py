@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from service.commands.train import EpochProgress
-from worker.datasets.splits import Split
-from worker.training import train_epoch
+from worker.trial._training import train_epoch
+from worker.trial.datasets._splits import Split
 
 
 def test_train_epoch_reports_progress_at_each_check() -> None:

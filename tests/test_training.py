@@ -17,19 +17,19 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from liptune.export import lipschitz_upper_bound
-from worker.augment import build_augmentation
-from worker.datasets import Split, load_dataset
-from worker.losses import build_loss
-from worker.models import build_model
 from worker.spec import TrainingSpec, TrialSpec
-from worker.training import (
+from worker.trial._augment import build_augmentation
+from worker.trial._losses import build_loss
+from worker.trial._models import build_model
+from worker.trial._run import LIPSCHITZ_TOLERANCE, _run_params, run_trial
+from worker.trial._training import (
     Diverged,
     make_optimizer,
     train,
     train_epoch,
     validation_metrics,
 )
-from worker.trial import LIPSCHITZ_TOLERANCE, _run_params, run_trial
+from worker.trial.datasets import Split, load_dataset
 
 READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist"}
 BATCH = 64
@@ -143,7 +143,7 @@ def test_augmentation_touches_the_training_batches_only(monkeypatch):
 
         return augment
 
-    monkeypatch.setattr("worker.training.build_augmentation", counting)
+    monkeypatch.setattr("worker.trial._training.build_augmentation", counting)
     spec = spec_of(*AUGMENTED, device="cpu", augment={"random_crop": 2, "horizontal_flip": True})
     result = run_trial(spec, tracking=None, data_roots=[])
     assert result.status == "completed"

@@ -16,8 +16,12 @@ import torch
 from optuna.trial import TrialState
 
 from service.migrations import upgrade
-from worker.costs import estimate
-from worker.devices import (
+from worker.loop import Worker, WorkerOptions
+from worker.spec import TrialSpec
+from worker.study._record import TrialRecord
+from worker.study._studies import create_study, optuna_study_name
+from worker.trial._costs import estimate
+from worker.trial._devices import (
     CUDA_CONTEXT_BYTES,
     DEVICE_MEMORY_FRACTION,
     ESTIMATE_MARGIN,
@@ -25,11 +29,7 @@ from worker.devices import (
     trial_budget_bytes,
     trial_memory,
 )
-from worker.models import build_model
-from worker.pool import Worker, WorkerOptions
-from worker.record import TrialRecord
-from worker.spec import TrialSpec
-from worker.studies import create_study, optuna_study_name
+from worker.trial._models import build_model
 
 GIB = 2**30
 

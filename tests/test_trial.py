@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.datasets import load_dataset
-from worker.radii import RadiiSummary
 from worker.spec import TrialSpec, metric_key
-from worker.training import TrainingRun
-from worker.trial import LIPSCHITZ_TOLERANCE, TrialResult, _finish, run_trial
+from worker.trial._certificates import RadiiSummary
+from worker.trial._run import LIPSCHITZ_TOLERANCE, TrialResult, _finish, run_trial
+from worker.trial._training import TrainingRun
+from worker.trial.datasets import load_dataset
 
 torch.set_num_threads(1)
 EPS = [0.1, 0.25, 0.5]

@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.datasets import (
+from worker.spec import DatasetSpec
+from worker.trial.datasets import (
     DatasetError,
     clear_cache,
     clear_descriptions,
     describe_dataset,
     load_dataset,
 )
-from worker.datasets import folder as folder_module
-from worker.spec import DatasetSpec
+from worker.trial.datasets import folder as folder_module
 
 
 @pytest.fixture(autouse=True)

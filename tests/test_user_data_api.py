@@ -2,7 +2,7 @@
 the field and the file, before anything is stored.
 
 The files are made here (Pillow, numpy) under the API's data root; plugin networks are
-registered in-process with :func:`worker.models.register_model`, as an installed entry point
+registered in-process with :func:`worker.trial._models.register_model`, as an installed entry point
 would be (the installed path is tested end to end in ``test_user_data_e2e.py``).
 """
 
@@ -20,10 +20,10 @@ from test_api_studies import PROBLEM, changed, make_client, stored
 from torch import nn
 
 from liptune import nn as lnn
-from worker import models
-from worker.datasets import clear_cache, clear_descriptions
 from worker.spec import TrialSpec
-from worker.trial import run_trial
+from worker.trial import _models as models
+from worker.trial._run import run_trial
+from worker.trial.datasets import clear_cache, clear_descriptions
 
 SPEC: dict[str, Any] = {
     "name": "own-data",

@@ -23,12 +23,12 @@ import torch
 from optuna.trial import TrialState
 
 from service.migrations import upgrade
-from worker import claims
-from worker.pool import Worker, WorkerOptions, run_worker
-from worker.record import TrialRecord
-from worker.storage import transaction_engine
-from worker.studies import cancel_study, create_study, experiment_name, optuna_study_name
-from worker.tracking import FAILURE_TAG, TRIAL_NUMBER_TAG, TrackingConfig
+from worker.loop import Worker, WorkerOptions, run_worker
+from worker.study import _claims as claims
+from worker.study._engine import transaction_engine
+from worker.study._record import TrialRecord
+from worker.study._studies import cancel_study, create_study, experiment_name, optuna_study_name
+from worker.tracking._mlflow import FAILURE_TAG, TRIAL_NUMBER_TAG, TrackingConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

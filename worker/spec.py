@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 ACTIVATIONS = ("groupsort2", "groupsort", "fullsort", "maxmin", "householder")
-#: The convolution families of the zoo's conv nets (see :mod:`worker.models`).
+#: The convolution families of the zoo's conv nets (see :mod:`worker.trial._models`).
 CONV_FAMILIES = ("spectral", "aol", "bcop")
 _CONV_DESCRIPTION = (
     "Convolution family: `spectral` (SpectralConv2d, Björck on the reshaped kernel, scaled by "
@@ -125,7 +125,7 @@ class DatasetSpec(_Spec):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from worker.datasets.registry import registered_datasets
+        from worker.trial.datasets._registry import registered_datasets
 
         known = registered_datasets()
         if name not in known:
@@ -152,7 +152,7 @@ class DatasetSpec(_Spec):
 
     @model_validator(mode="after")
     def _fields_of_the_kind(self) -> DatasetSpec:
-        from worker.datasets.registry import dataset_info
+        from worker.trial.datasets._registry import dataset_info
 
         kind = dataset_info(self.name).kind
         if kind in ("folder", "npz") and not self.path:
@@ -225,7 +225,7 @@ ZOO_MODELS = ("mlp", "convnet", "resnet")
 
 class PluginModelSpec(_Spec):
     """A network from an installed model plugin: ``build(input_shape, num_outputs, **params)``
-    of the entry point ``name`` in the group ``liptune.models`` (see :mod:`worker.models`).
+    of the entry point ``name`` in the group ``liptune.models`` (see :mod:`worker.trial._models`).
 
     The spec names the plugin and gives its parameters as data; the code is installed by
     whoever runs the API and the workers, never carried in a spec.
@@ -240,7 +240,7 @@ class PluginModelSpec(_Spec):
 
     @model_validator(mode="after")
     def _installed_and_params_fit(self) -> PluginModelSpec:
-        from worker.models import model_info
+        from worker.trial._models import model_info
 
         model_info(self.name).check_params(self.params)  # ValueErrors name what is wrong
         return self
@@ -252,7 +252,7 @@ def _model_kind(value: Any) -> str:
     name = value.get("name", "mlp") if isinstance(value, dict) else getattr(value, "name", "mlp")
     if name in ZOO_MODELS:
         return name
-    from worker.models import registered_models
+    from worker.trial._models import registered_models
 
     if name in registered_models():
         return "plugin"
@@ -281,7 +281,7 @@ Precision = Literal["float32", "tf32", "bf16"]
 
 
 class AugmentSpec(_Spec):
-    """Training augmentation of image batches (see :mod:`worker.augment`): drawn per batch on
+    """Training augmentation of image batches (see :mod:`worker.trial._augment`): drawn per batch on
     the trial's device; validation, test, certificates and every metric use the unaugmented
     images. Only for image data (inputs shaped (C, H, W))."""
 
@@ -552,7 +552,7 @@ PRUNERS = ("none", "mo-asha")
 
 
 class PrunerSpec(_Spec):
-    """Early stopping of a study's trials (see :mod:`worker.pruning`).
+    """Early stopping of a study's trials (see :mod:`worker.search._pruning`).
 
     ``mo-asha``: at the rungs ``min_epochs * reduction_factor**k`` epochs, a trial whose
     validation objectives rank outside the top 1/``reduction_factor`` of the trials that reached

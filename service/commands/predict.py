@@ -83,7 +83,7 @@ def tracking_uri(args: argparse.Namespace) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     from service.commands.train import tracking_config
-    from worker.paths import liptune_home
+    from worker.common import liptune_home
 
     return tracking_config(liptune_home(args.data_dir), None).tracking_uri
 
@@ -95,7 +95,7 @@ def load_model(model_uri: str, uri: str):
     from mlflow.exceptions import MlflowException
 
     from liptune.serving import LOADER_MODULE
-    from worker.store import using_tracking_uri
+    from worker.tracking import using_tracking_uri
 
     try:
         with using_tracking_uri(uri):

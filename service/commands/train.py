@@ -164,9 +164,9 @@ def certificate_check_line(attack) -> str:
 
 def execute(spec, args: argparse.Namespace) -> int:
     """Run ``spec`` with the command-line options; the exit code."""
-    from worker.datasets import DatasetError
-    from worker.paths import default_data_roots, liptune_home
+    from worker.common import default_data_roots, liptune_home
     from worker.trial import TrialOutcome, run_trial
+    from worker.trial.datasets import DatasetError
 
     home = liptune_home(args.data_dir)
     config = tracking_config(home, args.mlflow)

@@ -12,8 +12,8 @@ epoch boundary (it is failed and re-enqueued) and exits.
 
 ``--trials-per-device N`` runs N trials on the device at once, as N worker processes (ids
 ``ID-0`` .. ``ID-{N-1}``, the CPU cores shared among them): each gets an even share of the
-device's memory (:func:`worker.devices.trial_budget_bytes`) and never claims a trial of a study
-estimated above it (``--memory-budget`` sets the share by hand)::
+device's memory (:func:`worker.trial._devices.trial_budget_bytes`) and never claims a trial of a
+study estimated above it (``--memory-budget`` sets the share by hand)::
 
     liptune worker --device cuda:0 --trials-per-device 4
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from worker.redact import install_log_redaction
+from worker.common import install_log_redaction
 
 HELP = "run trials of every running study until stopped"
 
@@ -131,14 +131,14 @@ def run(args: argparse.Namespace) -> int:
     # Heavy imports only once the arguments are known to be valid.
     import torch
 
-    from worker.paths import (
+    from worker.common import (
         default_artifact_root,
         default_data_roots,
         default_storage_url,
         liptune_home,
     )
-    from worker.pool import WorkerOptions, default_worker_id, run_worker
-    from worker.storage import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
+    from worker.loop import WorkerOptions, default_worker_id, run_worker
+    from worker.study import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
     from worker.tracking import TrackingConfig
 
     home = liptune_home(args.data_dir)
@@ -155,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
         tracking = TrackingConfig(mlflow_uri)
     budget = args.memory_budget * 2**20 if args.memory_budget else None
     if args.trials_per_device > 1:
-        from worker.devices import run_processes, trial_budget_bytes
-        from worker.training import resolve_device
+        from worker.trial import resolve_device, run_processes, trial_budget_bytes
 
         try:
             device = resolve_device(args.device)

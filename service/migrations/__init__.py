@@ -4,7 +4,7 @@ start.
 
 The version table is ``liptune_alembic_version``: Optuna keeps its own ``alembic_version`` in
 the same database. Several processes may start at once: the upgrade holds the database's
-schema lock (:func:`worker.storage.schema_lock`), so exactly one of them migrates and the
+schema lock (:func:`worker.study._engine.schema_lock`), so exactly one of them migrates and the
 others find the schema current.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from worker.storage import resolve_url, schema_lock
+from worker.common import resolve_url, schema_lock
 
 VERSION_TABLE = "liptune_alembic_version"
 

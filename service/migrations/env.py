@@ -7,7 +7,7 @@ from sqlalchemy import create_engine, pool
 
 from service.db import Base
 from service.migrations import VERSION_TABLE
-from worker.storage import engine_kwargs
+from worker.common import engine_kwargs
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")

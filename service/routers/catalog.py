@@ -17,11 +17,10 @@ from pydantic import BaseModel
 
 from service.admission import check_dataset
 from service.dependencies import Resources, get_resources, require_read_key
-from worker.datasets import DatasetError, DatasetInfo, describe_dataset, registered_datasets
-from worker.losses import LOSSES
-from worker.models import ModelInfo, registered_models
-from worker.samplers import SAMPLER_DESCRIPTIONS
+from worker.search import SAMPLER_DESCRIPTIONS
 from worker.spec import DatasetSpec, PrunerSpec, TrainingSpec
+from worker.trial import LOSSES, ModelInfo, registered_models
+from worker.trial.datasets import DatasetError, DatasetInfo, describe_dataset, registered_datasets
 
 router = APIRouter(tags=["catalog"], dependencies=[Depends(require_read_key)])
 

@@ -24,8 +24,7 @@ from service.dependencies import Resources, get_resources
 from service.problems import Problem
 from service.results import TRIAL_STATES
 from service.schemas import Health
-from worker.store import StudyStore
-from worker.studies import STATUSES, StudyStatus, load_spec, study_status
+from worker.study import STATUSES, StudyStatus, StudyStore, load_spec, study_status
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("liptune.service")

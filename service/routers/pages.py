@@ -66,11 +66,10 @@ from service.results import (
     record_at_eps,
     reference_point,
 )
-from worker.radii import RadiiSummary
-from worker.record import TrialRecord
-from worker.redact import without_credentials
+from worker.common import without_credentials
 from worker.spec import metric_key
-from worker.studies import optuna_study_name
+from worker.study import TrialRecord, optuna_study_name
+from worker.trial import RadiiSummary
 
 #: Points of a certified-accuracy curve.
 CURVE_POINTS = 200

@@ -42,9 +42,8 @@ from service.schemas import (
     StudySummary,
     render_json,
 )
-from worker.datasets import DatasetError, describe_dataset
 from worker.spec import StudySpec
-from worker.studies import (
+from worker.study import (
     SPEC_ATTR,
     StudyStatus,
     cancel_study,
@@ -54,6 +53,7 @@ from worker.studies import (
     set_status,
     study_status,
 )
+from worker.trial.datasets import DatasetError, describe_dataset
 
 router = APIRouter(tags=["studies"])
 reads = [Depends(require_read_key)]

@@ -36,9 +36,8 @@ from service.schemas import (
     TrialStateName,
     render_json,
 )
-from worker.record import TrialRecord as StoredRecord
-from worker.store import using_tracking_uri
-from worker.tracking import ONNX_ARTIFACT, register_model
+from worker.study import TrialRecord as StoredRecord
+from worker.tracking import ONNX_ARTIFACT, register_model, using_tracking_uri
 from worker.trial import attack_check
 
 router = APIRouter(tags=["trials"])

@@ -1,4 +1,4 @@
-"""The trial claims table of the workers (:mod:`worker.claims`).
+"""The trial claims table of the workers (:mod:`worker.study._claims`).
 
 Revision ID: 0002
 Revises: 0001
