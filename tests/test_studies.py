@@ -20,10 +20,10 @@ from worker.study._engine import open_storage, transaction_engine
 from worker.study._studies import (
     cancel_study,
     create_study,
-    extend_study,
     load_spec,
     optuna_study_name,
     running_studies,
+    set_budget,
     study_status,
 )
 
@@ -82,12 +82,12 @@ def test_status_cancel_extend_and_the_order_of_running_studies(
     newer = optuna.load_study(study_name=optuna_study_name("newer"), storage=storage)
     assert study_status(newer) == "cancelled"
 
-    assert extend_study(storage, "newer", 2).n_trials == 5
+    assert set_budget(storage, "newer", 5).n_trials == 5
     assert study_status(newer) == "running"
     assert load_spec(newer).n_trials == 5
     assert [study_id for study_id, _ in running_studies(storage)] == ["older", "newer", "newest"]
-    with pytest.raises(ValueError, match="extra_trials must be >= 1"):
-        extend_study(storage, "newer", 0)
+    with pytest.raises(ValueError, match="n_trials must be >= 1"):
+        set_budget(storage, "newer", 0)
 
 
 def test_racing_claims_never_exceed_the_budget(

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
-import time
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi_pagination import Params, paginate
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import results
+from service import results, studies
 from service.admission import check_study
-from service.cache import StudyCache, StudySnapshot, UnknownStudy
+from service.cache import StudySnapshot, UnknownStudy
 from service.db import StudyRow
 from service.dependencies import (
     Resources,
@@ -44,13 +38,8 @@ from service.schemas import (
 )
 from worker.spec import StudySpec
 from worker.study import (
-    SPEC_ATTR,
     StudyStatus,
-    cancel_study,
-    create_study,
-    load_study,
     optuna_study_name,
-    set_status,
     study_status,
 )
 from worker.trial.datasets import DatasetError, describe_dataset
@@ -153,44 +142,6 @@ def pareto_view(snapshot: StudySnapshot, eps: float | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writes
 
 
-def _replay(row: StudyRow, request_hash: str, cache: StudyCache) -> InfJSONResponse:
-    if row.request_hash != request_hash:
-        raise Problem(
-            422,
-            "idempotency-key-reused",
-            "this Idempotency-Key was used for a different request body; use a new key for a "
-            "new study",
-            errors=[field_error("header.Idempotency-Key", "already used for another body")],
-        )
-    return InfJSONResponse(
-        detail_view(_created_snapshot(cache, row.id)),
-        status_code=201,
-        headers={"Location": f"/studies/{row.id}", "Idempotent-Replayed": "true"},
-    )
-
-
-#: How long a replayed submission waits for the first request to create the Optuna study.
-REPLAY_WAIT_S = 30.0
-
-
-def _created_snapshot(cache: StudyCache, study_id: str) -> StudySnapshot:
-    """The snapshot of a study whose row exists, waiting while the request that inserted it is
-    still creating its Optuna study (a 404 only if that request gave up and removed the row)."""
-    deadline = time.monotonic() + REPLAY_WAIT_S
-    while True:
-        try:
-            return cache.snapshot(study_id)
-        except UnknownStudy:
-            if time.monotonic() > deadline:
-                raise Problem(
-                    503,
-                    "study-being-created",
-                    "the first request with this Idempotency-Key is still creating the study",
-                    headers={"Retry-After": "5"},
-                ) from None
-            time.sleep(0.05)
-
-
 @router.post(
     "/studies",
     status_code=201,
@@ -213,94 +164,14 @@ def submit_study(
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
     check_study(spec, resources.settings)
-    spec_json = spec.model_dump_json()
-    request_hash = hashlib.sha256(spec_json.encode()).hexdigest()
-    if idempotency_key is not None:
-        existing = _recorded(resources, idempotency_key)
-        if existing is not None:  # a retry: answered from the record, no write
-            return _replay(existing, request_hash, resources.cache)
-    study_id = uuid.uuid4().hex
-    row = StudyRow(
-        id=study_id,
-        name=spec.name,
-        spec=json.loads(spec_json),
-        n_trials=spec.n_trials,
-        created_at=datetime.now(UTC),
-        idempotency_key=idempotency_key,
-        request_hash=request_hash if idempotency_key is not None else None,
-    )
-    winner = _insert(resources, row)
-    if winner is not None:  # the same key, submitted concurrently, won the race
-        return _replay(winner, request_hash, resources.cache)
-    try:
-        create_study(resources.storage, spec, study_id)
-    except ValueError as error:
-        _forget(resources, study_id)
-        raise invalid_input([field_error("body.sampler", str(error))]) from None
-    except BaseException:
-        _forget(resources, study_id)
-        raise
-    return InfJSONResponse(
-        detail_view(load_snapshot(resources.cache, study_id)),
-        status_code=201,
-        headers={"Location": f"/studies/{study_id}"},
-    )
-
-
-#: One writer of submission rows per process: SQLite has one writer anyway, and a submission
-#: waiting for the write lock waits here, holding no pooled connection.
-_INSERT_LOCK = threading.Lock()
-
-
-def _recorded(resources: Resources, idempotency_key: str) -> StudyRow | None:
-    """The study row recorded under ``idempotency_key``: one read, the connection returned to
-    the pool before anything waits."""
-    with resources.sessions() as db:
-        return db.scalars(
-            select(StudyRow).where(StudyRow.idempotency_key == idempotency_key)
-        ).one_or_none()
-
-
-def _insert(resources: Resources, row: StudyRow) -> StudyRow | None:
-    """Store ``row``; ``None``, or the row of a concurrent submission that recorded the same
-    idempotency key first. A connection is checked out only once this request may write."""
-    with _INSERT_LOCK:
-        if row.idempotency_key is not None:
-            existing = _recorded(resources, row.idempotency_key)
-            if existing is not None:
-                return existing
-        with resources.sessions() as db:
-            db.add(row)
-            try:
-                db.commit()
-            except IntegrityError:  # another API process recorded the key first
-                db.rollback()
-            else:
-                return None
-    assert row.idempotency_key is not None
-    existing = _recorded(resources, row.idempotency_key)
-    if existing is None:  # the other request recorded the key, then failed and forgot it
-        raise Problem(
-            503,
-            "study-being-created",
-            "another request with this Idempotency-Key was creating the study and gave up; "
-            "retry after the delay in Retry-After",
-            headers={"Retry-After": "1"},
-        )
-    return existing
-
-
-def _json_spec(spec: StudySpec) -> dict[str, Any]:
-    """The spec as JSON data, with inf written ``"Infinity"`` as in Optuna's user attributes."""
-    return json.loads(spec.model_dump_json())
-
-
-def _forget(resources: Resources, study_id: str) -> None:
-    with resources.sessions() as db:
-        row = db.get(StudyRow, study_id)
-        if row is not None:
-            db.delete(row)
-            db.commit()
+    submission = studies.submit(resources, spec, idempotency_key)
+    headers = {"Location": f"/studies/{submission.study_id}"}
+    if submission.replayed:
+        headers["Idempotent-Replayed"] = "true"
+        snapshot = studies.created_snapshot(resources.cache, submission.study_id)
+    else:
+        snapshot = load_snapshot(resources.cache, submission.study_id)
+    return InfJSONResponse(detail_view(snapshot), status_code=201, headers=headers)
 
 
 @router.post(
@@ -313,10 +184,7 @@ def cancel(
     snapshot: StudySnapshot = Depends(study_snapshot),
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
-    if snapshot.status != StudyStatus.RUNNING:
-        raise Problem(409, "study-not-running", f"the study is {snapshot.status}, not running")
-    cancel_study(resources.storage, snapshot.id)
-    resources.cache.invalidate(snapshot.id)
+    studies.cancel(resources, snapshot)
     return InfJSONResponse(detail_view(load_snapshot(resources.cache, snapshot.id)))
 
 
@@ -329,54 +197,10 @@ def cancel(
 def extend(
     request: ExtendRequest,
     snapshot: StudySnapshot = Depends(study_snapshot),
-    db: Session = Depends(get_db),
     resources: Resources = Depends(get_resources),
 ) -> InfJSONResponse:
-    limit = resources.settings.max_trials
-    # The increment is one UPDATE (atomic on SQLite and PostgreSQL); the Optuna spec is then
-    # set, not added to, from the row's total until both agree, so concurrent extends all count.
-    total = db.execute(
-        update(StudyRow)
-        .where(StudyRow.id == snapshot.id, StudyRow.n_trials + request.n_trials <= limit)
-        .values(n_trials=StudyRow.n_trials + request.n_trials)
-        .returning(StudyRow.n_trials)
-    ).scalar_one_or_none()
-    db.commit()
-    if total is None:
-        raise invalid_input(
-            [
-                field_error(
-                    "body.n_trials",
-                    f"{snapshot.n_trials} + {request.n_trials} trials exceed this server's "
-                    f"limit of {limit}",
-                    "limit",
-                )
-            ]
-        )
-    while True:
-        spec = _set_budget(resources, snapshot.id, total)
-        current = db.scalars(select(StudyRow.n_trials).where(StudyRow.id == snapshot.id)).one()
-        if current == total:
-            break
-        total = current
-    db.execute(
-        update(StudyRow)
-        .where(StudyRow.id == snapshot.id, StudyRow.n_trials == total)
-        .values(spec=_json_spec(spec))
-    )
-    db.commit()
-    resources.cache.invalidate(snapshot.id)
+    studies.extend(resources, snapshot, request.n_trials)
     return InfJSONResponse(detail_view(load_snapshot(resources.cache, snapshot.id)))
-
-
-def _set_budget(resources: Resources, study_id: str, n_trials: int) -> StudySpec:
-    """Set the Optuna study's budget to ``n_trials`` and open it to workers again."""
-    study = load_study(resources.storage, study_id)
-    data = study.user_attrs[SPEC_ATTR]
-    spec = StudySpec.model_validate({**data, "n_trials": n_trials})
-    study.set_user_attr(SPEC_ATTR, _json_spec(spec))
-    set_status(study, StudyStatus.RUNNING)
-    return spec
 
 
 # --------------------------------------------------------------------------- reads

@@ -20,6 +20,7 @@ from worker.study._studies import (
     load_spec,
     load_study,
     optuna_study_name,
+    set_budget,
     set_status,
     study_status,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "load_study",
     "open_storage",
     "optuna_study_name",
+    "set_budget",
     "set_status",
     "study_status",
 ]

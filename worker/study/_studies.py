@@ -149,14 +149,14 @@ def cancel_study(storage: Storage, study_id: str) -> None:
     set_status(load_study(storage, study_id), StudyStatus.CANCELLED)
 
 
-def extend_study(storage: Storage, study_id: str, extra_trials: int) -> StudySpec:
-    """Raise a study's budget by ``extra_trials`` and open it to workers again; returns the new
-    spec."""
-    if extra_trials < 1:
-        raise ValueError(f"extra_trials must be >= 1, got {extra_trials}")
+def set_budget(storage: Storage, study_id: str, n_trials: int) -> StudySpec:
+    """Set a study's budget to ``n_trials`` and open it to workers again (also a finished one);
+    returns the new spec."""
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
     study = load_study(storage, study_id)
     data: dict[str, Any] = study.user_attrs[SPEC_ATTR]
-    spec = StudySpec.model_validate({**data, "n_trials": data["n_trials"] + extra_trials})
+    spec = StudySpec.model_validate({**data, "n_trials": n_trials})
     study.set_user_attr(SPEC_ATTR, json.loads(spec.model_dump_json()))
     set_status(study, StudyStatus.RUNNING)
     return spec
