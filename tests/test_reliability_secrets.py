@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.commands.serve import worker_command, worker_env
+from service.commands.worker import worker_command, worker_env
 from service.config import Settings
 from tests.test_serve_e2e import REPO_ROOT
 
@@ -23,7 +23,7 @@ def test_embedded_workers_get_the_store_urls_in_their_environment_only(tmp_path:
         storage_url=f"postgresql+psycopg2://liptune:{SECRET}@db.example/liptune",
         mlflow_uri=f"http://tracker:{SECRET}@mlflow.example:5000",
     )
-    command = worker_command(settings, 0, 1)
+    command = worker_command(settings, worker_id="serve-0", threads=1)
     assert not any(SECRET in part for part in command), command
     env = worker_env(settings, 1)
     assert SECRET in env["LIPTUNE_STORAGE_URL"] and SECRET in env["LIPTUNE_MLFLOW_URI"]

@@ -12,16 +12,16 @@ import pytest
 from test_reliability_serve import Server
 from test_serve_e2e import wait_until
 
-from service.commands.serve import worker_command
+from service.commands.worker import worker_command
 from service.config import Settings
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_setting_reaches_the_embedded_worker_command(monkeypatch: pytest.MonkeyPatch):
-    assert "--trials-per-device" not in worker_command(Settings(), 0, 1)
+    assert "--trials-per-device" not in worker_command(Settings(), worker_id="serve-0", threads=1)
     monkeypatch.setenv("LIPTUNE_TRIALS_PER_DEVICE", "3")
-    command = worker_command(Settings(), 0, 1)
+    command = worker_command(Settings(), worker_id="serve-0", threads=1)
     assert command[command.index("--trials-per-device") + 1] == "3"
     with pytest.raises(ValueError, match="trials_per_device"):
         Settings(trials_per_device=0)

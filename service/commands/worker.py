@@ -23,12 +23,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
 from worker.common import install_log_redaction
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 HELP = "run trials of every running study until stopped"
 
@@ -123,72 +128,136 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
 
 
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The one settings object of serve and worker (:class:`service.config.Settings`: flags over
+    ``LIPTUNE_*`` variables over ``--config``'s file), with this command's flags applied."""
+    from service.config import Settings
+
+    overrides = {
+        "home": args.data_dir,
+        "storage_url": args.storage,
+        "mlflow_uri": args.mlflow,
+        "data_roots": args.data_root,
+        "heartbeat_interval": args.heartbeat_interval,
+        "grace_period": args.grace_period,
+        "trials_per_device": args.trials_per_device,
+    }
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def worker_env(settings: Settings, threads: int) -> dict[str, str]:
+    """A spawned worker's environment: the store URLs travel here, never on the command line
+    (which every user of the machine can read), since they may hold passwords."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "LIPTUNE_STORAGE_URL": settings.resolved_storage_url(),
+        "LIPTUNE_MLFLOW_URI": settings.mlflow_uri
+        if _tracking_off(settings)
+        else settings.resolved_mlflow_uri(),
+    }
+
+
+def worker_command(
+    settings: Settings,
+    *,
+    worker_id: str,
+    threads: int,
+    device: str | None = None,
+    memory_budget_mib: int | None = None,
+    max_trials: int | None = None,
+    once: bool = False,
+    log_level: str | None = None,
+) -> list[str]:
+    """The command line of a spawned ``liptune worker`` (its stores: :func:`worker_env`): an
+    embedded worker of ``liptune serve`` (which fans out itself when ``trials_per_device`` > 1)
+    or one trial process of a worker that fanned out (``device`` and ``memory_budget_mib``
+    given, ``trials_per_device`` 1)."""
+    command = [sys.executable, "-m", "service.cli", "worker"]
+    command += ["--data-dir", str(settings.resolved_home()), "--threads", str(threads)]
+    command += ["--id", worker_id]
+    for root in settings.resolved_data_roots():
+        command += ["--data-root", str(root)]
+    for flag, value in (
+        ("--device", device),
+        ("--memory-budget", memory_budget_mib),
+        ("--heartbeat-interval", settings.heartbeat_interval),
+        ("--grace-period", settings.grace_period),
+        ("--max-trials", max_trials),
+        ("--log-level", log_level),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    if memory_budget_mib is None and settings.trials_per_device > 1:
+        command += ["--trials-per-device", str(settings.trials_per_device)]
+    if once:
+        command.append("--once")
+    return command
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     install_log_redaction()
+    try:
+        settings = settings_from(args)
+    except ValueError as error:
+        print(f"liptune worker: error: {error}", file=sys.stderr)
+        return 2
+    from worker.study import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
+
+    heartbeat = settings.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL_S
+    grace = settings.grace_period or DEFAULT_GRACE_PERIOD_S
+    if grace <= heartbeat:
+        print(
+            f"liptune worker: error: --grace-period ({grace} s) must exceed "
+            f"--heartbeat-interval ({heartbeat} s), or live trials would be failed as stale",
+            file=sys.stderr,
+        )
+        return 2
     # Heavy imports only once the arguments are known to be valid.
     import torch
 
-    from worker.common import (
-        default_artifact_root,
-        default_data_roots,
-        default_storage_url,
-        liptune_home,
-    )
+    from worker.common import default_artifact_root
     from worker.loop import WorkerOptions, default_worker_id, run_worker
-    from worker.study import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
     from worker.tracking import TrackingConfig
 
-    home = liptune_home(args.data_dir)
-    storage = args.storage or os.environ.get("LIPTUNE_STORAGE_URL")
-    mlflow_uri = args.mlflow or os.environ.get("LIPTUNE_MLFLOW_URI")
+    home = settings.resolved_home()
     tracking: TrackingConfig | None
-    if mlflow_uri is None:
-        tracking = TrackingConfig.for_home(home)
-    elif mlflow_uri.lower() == "none":
+    if _tracking_off(settings):
         tracking = None
-    elif _is_local_store(mlflow_uri):
-        tracking = TrackingConfig(mlflow_uri, default_artifact_root(home))
     else:
-        tracking = TrackingConfig(mlflow_uri)
+        mlflow_uri = settings.resolved_mlflow_uri()
+        local = _is_local_store(mlflow_uri)
+        tracking = TrackingConfig(mlflow_uri, default_artifact_root(home) if local else None)
     budget = args.memory_budget * 2**20 if args.memory_budget else None
-    if args.trials_per_device > 1:
-        from worker.trial import resolve_device, run_processes, trial_budget_bytes
+    worker_id = args.id or default_worker_id()
+    if settings.trials_per_device > 1:
+        from worker.trial import resolve_device, trial_budget_bytes
 
         try:
             device = resolve_device(args.device)
-            budget = budget or trial_budget_bytes(device, args.trials_per_device)
+            budget = budget or trial_budget_bytes(device, settings.trials_per_device)
         except ValueError as error:
             print(f"liptune worker: error: {error}", file=sys.stderr)
             return 2
-        return run_processes(
-            _device_workers(args, str(device), budget // 2**20, args.id or default_worker_id())
-        )
+        return _fan_out(args, settings, str(device), budget // 2**20, worker_id)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     options = WorkerOptions(
-        storage_url=storage or default_storage_url(home),
+        storage_url=settings.resolved_storage_url(),
         tracking=tracking,
-        data_roots=args.data_root or default_data_roots(home),
+        data_roots=settings.resolved_data_roots(),
         device=args.device,
         threads=args.threads,
-        heartbeat_interval=args.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL_S,
-        grace_period=args.grace_period or DEFAULT_GRACE_PERIOD_S,
-        worker_id=args.id or default_worker_id(),
+        heartbeat_interval=heartbeat,
+        grace_period=grace,
+        worker_id=worker_id,
         max_trials=args.max_trials,
         exit_when_idle=args.once,
         memory_budget=budget,
     )
-    if options.grace_period <= options.heartbeat_interval:
-        print(
-            f"liptune worker: error: --grace-period ({options.grace_period} s) must exceed "
-            f"--heartbeat-interval ({options.heartbeat_interval} s), or live trials would be "
-            "failed as stale",
-            file=sys.stderr,
-        )
-        return 2
     from service.migrations import upgrade
 
     upgrade(options.storage_url)
@@ -196,30 +265,58 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_workers(
-    args: argparse.Namespace, device: str, budget_mib: int, worker_id: str
-) -> list[list[str]]:
-    """The command lines of the ``--trials-per-device`` worker processes of one device."""
-    count = args.trials_per_device
+def _fan_out(
+    args: argparse.Namespace, settings: Settings, device: str, budget_mib: int, worker_id: str
+) -> int:
+    """Run the ``trials_per_device`` trial processes of one device under the supervisor: one
+    that fails is restarted, one that exits 0 (``--once``, ``--max-trials``) is done; SIGTERM
+    and SIGINT stop them all (each fails and re-enqueues its trial at the next epoch)."""
+    from service.supervisor import Supervisor, WorkerSlot
+
+    count = settings.trials_per_device
     threads = args.threads or max(1, (os.cpu_count() or 1) // count)
-    common = [sys.executable, "-m", "service.cli", "worker", "--device", device]
-    common += ["--threads", str(threads), "--memory-budget", str(budget_mib)]
-    common += ["--log-level", args.log_level]
-    for flag, value in (
-        ("--storage", args.storage),
-        ("--mlflow", args.mlflow),
-        ("--data-dir", args.data_dir),
-        ("--heartbeat-interval", args.heartbeat_interval),
-        ("--grace-period", args.grace_period),
-        ("--max-trials", args.max_trials),
-    ):
-        if value is not None:
-            common += [flag, str(value)]
-    for root in args.data_root or []:
-        common += ["--data-root", str(root)]
-    if args.once:
-        common.append("--once")
-    return [[*common, "--id", f"{worker_id}-{index}"] for index in range(count)]
+    env = worker_env(settings, threads)
+    slots = [
+        WorkerSlot(
+            index,
+            worker_command(
+                settings,
+                worker_id=f"{worker_id}-{index}",
+                threads=threads,
+                device=device,
+                memory_budget_mib=budget_mib,
+                max_trials=args.max_trials,
+                once=args.once,
+                log_level=args.log_level,
+            ),
+            env,
+        )
+        for index in range(count)
+    ]
+    # In this worker's process group: what serve kills if this worker dies.
+    supervisor = Supervisor(slots, restart="on-failure", own_sessions=False)
+    previous = {
+        signum: signal.signal(signum, _exit_on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        supervisor.start()
+        supervisor.wait()
+    except SystemExit:
+        pass
+    finally:
+        supervisor.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _tracking_off(settings: Settings) -> bool:
+    """``--mlflow none``: results are recorded in the study only."""
+    return settings.mlflow_uri is not None and settings.mlflow_uri.lower() == "none"
 
 
 def _is_local_store(tracking_uri: str) -> bool:

@@ -7,7 +7,6 @@ from worker.trial._augment import Augment, augmentation_error, build_augmentatio
 from worker.trial._certificates import AttackSummary, RadiiSummary
 from worker.trial._costs import estimate, study_cost, warm_up
 from worker.trial._devices import (
-    run_processes,
     study_memory_bytes,
     trial_budget_bytes,
     trial_memory_bytes,
@@ -62,7 +61,6 @@ __all__ = [
     "register_model",
     "registered_models",
     "resolve_device",
-    "run_processes",
     "run_trial",
     "study_cost",
     "study_memory_bytes",

@@ -19,20 +19,18 @@ what the device has (:func:`device_memory_bytes`) times :data:`DEVICE_MEMORY_FRA
 CUDA context per process, split evenly. A worker slot never claims a trial whose estimate
 exceeds its share, so ``n`` slots never oversubscribe the device.
 
-Several trials per device are several processes (:func:`run_processes`), not CUDA streams in
-one: a small 1-Lipschitz net is bound by Python's per-step launch overhead, which threads
-would serialise on the GIL; torch's seeds, thread counts and TF32 switches are per process; and
-a trial that crashes or runs out of memory takes only its own process down. The price is one
-CUDA context per trial (:data:`CUDA_CONTEXT_BYTES`), which the budget counts.
+Several trials per device are several processes (``liptune worker --trials-per-device N`` runs them
+under :mod:`service.supervisor`), not CUDA streams in one: a small 1-Lipschitz net is bound by
+Python's per-step launch overhead, which threads would serialise on the GIL; torch's seeds, thread
+counts and TF32 switches are per process; and a trial that crashes or runs out of memory takes only
+its own process down. The price is one CUDA context per trial (:data:`CUDA_CONTEXT_BYTES`), which
+the budget counts.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,24 +102,3 @@ def trial_budget_bytes(device: torch.device, trials: int, total: int | None = No
             f"needs {context / 2**20:.0f} MiB of CUDA context; run fewer trials per device"
         )
     return share
-
-
-def run_processes(commands: Sequence[Sequence[str]]) -> int:
-    """Run ``commands`` as child processes until all have exited; SIGTERM and SIGINT are
-    forwarded to every child (each stops its trial at the next epoch boundary). Returns the
-    largest exit status."""
-    children = [subprocess.Popen(list(command)) for command in commands]
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    previous = {
-        signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        return max(child.wait() for child in children)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
