@@ -933,7 +933,7 @@ def _run_live(spec: StudySpec) -> dict[str, Any]:
 
     from service.migrations import upgrade
     from worker.loop import Worker, WorkerOptions
-    from worker.study._record import TrialRecord
+    from worker.study._record import TrialAttributes
     from worker.study._studies import create_study, optuna_study_name
 
     with tempfile.TemporaryDirectory() as folder:
@@ -950,7 +950,7 @@ def _run_live(spec: StudySpec) -> dict[str, Any]:
         finished = sorted(study.trials, key=lambda t: t.datetime_complete)
     spent, trace = 0, Trace()
     for trial in finished:
-        record = TrialRecord.read(trial)
+        record = TrialAttributes.read(trial)
         spent += len(record.epochs)
         trace.trials += 1
         if trial.state == optuna.trial.TrialState.COMPLETE:

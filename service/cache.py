@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import results
 from service.db import StudyRow
+from service.schemas import TrialRecord
 from worker.spec import StudySpec
 from worker.study import StudyStatus, StudyStore
 from worker.trial import RadiiSummary
@@ -50,7 +51,7 @@ class StudySnapshot:
     n_trials: int
     created_at: datetime
     status: StudyStatus
-    records: list[results.Record]
+    records: list[TrialRecord]
     radii: dict[int, RadiiSummary | None]
     trials: dict[int, FrozenTrial]
     version: int
@@ -76,8 +77,8 @@ class _StudyState:
     """The refresh state of one study: finished trials by trial id, the rest to re-read."""
 
     optuna_study_id: int
-    finished: dict[int, tuple[FrozenTrial, results.Record, RadiiSummary | None]]
-    unfinished: dict[int, tuple[FrozenTrial, results.Record]]
+    finished: dict[int, tuple[FrozenTrial, TrialRecord, RadiiSummary | None]]
+    unfinished: dict[int, tuple[FrozenTrial, TrialRecord]]
     max_trial_id: int
     lock: threading.Lock
     snapshot: StudySnapshot | None = None

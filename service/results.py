@@ -1,9 +1,10 @@
 """What a study's trials mean: records, Pareto fronts, the knee, hypervolume, recommendations.
 
-Pure functions over plain data. :func:`trial_record` turns one Optuna trial into the JSON-ready
-dict that the API returns and the dashboards draw; every other function works on lists of those
-records and on objective descriptions ``{"key", "metric", "eps", "direction"}`` (the
-``"objectives"`` of ``GET /studies/{id}``, see :func:`objective_entries`).
+Pure functions over typed records. :func:`trial_record` turns one Optuna trial into the one
+frozen view of it (:class:`service.schemas.TrialRecord`) that the API returns and the pages
+draw; every other function works on lists of those records and on objective descriptions ``{"key",
+"metric", "eps", "direction"}`` (the ``"objectives"`` of ``GET /studies/{id}``, see
+:func:`objective_entries`).
 
 Conventions:
 
@@ -27,13 +28,12 @@ import moocore
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
+from service.schemas import TRIAL_STATES, TrialRecord
 from worker.search import as_losses, non_dominated, trial_params
 from worker.spec import DEFAULT_REPORT_EPS, FAMILY_PARAMS, StudySpec, metric_key
-from worker.study import TrialRecord
+from worker.study import TrialAttributes
 from worker.trial import RadiiSummary
 
-#: Trial states as the API names them, in display order.
-TRIAL_STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
 #: Objectives whose worst value is 0 (fractions and radii); used as the hypervolume reference.
 _ZERO_WORST_METRICS = (
     "accuracy",
@@ -42,7 +42,6 @@ _ZERO_WORST_METRICS = (
     "mean_certified_radius",
 )
 
-Record = dict[str, Any]
 ObjectiveEntry = Mapping[str, Any]
 
 
@@ -75,7 +74,7 @@ def eps_objectives(eps: float) -> list[dict[str, Any]]:
     ]
 
 
-def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
+def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> TrialRecord:
     """The JSON-ready record of one trial.
 
     Keys: ``number``, ``state`` (one of :data:`TRIAL_STATES`), ``params`` (``loss`` and the
@@ -90,7 +89,7 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
     when none ran) and ``certificate_violations`` (the attack's ``violations``: > 0 means a
     certificate was broken).
     """
-    stored = TrialRecord.read(
+    stored = TrialAttributes.read(
         frozen_trial,
         "metrics",
         "failure_reason",
@@ -119,26 +118,30 @@ def trial_record(frozen_trial: FrozenTrial, spec: StudySpec) -> Record:
         else None
     )
     duration = frozen_trial.duration
-    return {
-        "number": frozen_trial.number,
-        "state": state,
-        "params": params,
-        "values": values,
-        "metrics": metrics,
-        "feasible": _feasible(frozen_trial, spec, metrics) if completed else None,
-        "failure_reason": stored.failure_reason,
-        "mlflow_run_id": stored.mlflow_run_id,
-        "model_uri": stored.model_uri,
-        "started_at": _isoformat(frozen_trial.datetime_start),
-        "completed_at": _isoformat(frozen_trial.datetime_complete),
-        "duration_s": duration.total_seconds() if duration is not None else None,
-        "retry_of": stored.retry_of,
-        "epochs_trained": len(stored.epochs),
-        "pruned_at_epoch": stored.pruned_at_epoch,
-        "values_reached": _values_reached(stored.epochs) if state == "PRUNED" else None,
-        "attack": stored.attack.summary() if stored.attack is not None else None,
-        "certificate_violations": stored.attack.violations if stored.attack is not None else None,
-    }
+    return TrialRecord(
+        **{
+            "number": frozen_trial.number,
+            "state": state,
+            "params": params,
+            "values": values,
+            "metrics": metrics,
+            "feasible": _feasible(frozen_trial, spec, metrics) if completed else None,
+            "failure_reason": stored.failure_reason,
+            "mlflow_run_id": stored.mlflow_run_id,
+            "model_uri": stored.model_uri,
+            "started_at": _isoformat(frozen_trial.datetime_start),
+            "completed_at": _isoformat(frozen_trial.datetime_complete),
+            "duration_s": duration.total_seconds() if duration is not None else None,
+            "retry_of": stored.retry_of,
+            "epochs_trained": len(stored.epochs),
+            "pruned_at_epoch": stored.pruned_at_epoch,
+            "values_reached": _values_reached(stored.epochs) if state == "PRUNED" else None,
+            "attack": stored.attack.summary() if stored.attack is not None else None,
+            "certificate_violations": stored.attack.violations
+            if stored.attack is not None
+            else None,
+        }
+    )
 
 
 def _values_reached(epochs: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
@@ -152,26 +155,21 @@ def _values_reached(epochs: Sequence[Mapping[str, Any]]) -> dict[str, float] | N
 
 def trial_radii(frozen_trial: FrozenTrial) -> RadiiSummary | None:
     """The certificate radii a completed trial stored, or ``None`` when it stored none."""
-    return TrialRecord.read(frozen_trial, "radii").radii
+    return TrialAttributes.read(frozen_trial, "radii").radii
 
 
-def record_at_eps(record: Record, radii: RadiiSummary | None, eps: float) -> Record:
+def record_at_eps(record: TrialRecord, radii: RadiiSummary | None, eps: float) -> TrialRecord:
     """A copy of ``record`` whose ``values`` are those of :func:`eps_objectives` (``eps``).
 
     Certified accuracy at ``eps`` is recomputed from ``radii``; a completed trial without radii
     or without a clean accuracy gets ``values = None`` and drops out of fronts.
     """
-    at_eps = dict(record)
-    accuracy = record["metrics"].get("accuracy")
-    if record["state"] != "COMPLETE" or radii is None or accuracy is None:
-        at_eps["values"] = None
-        return at_eps
+    accuracy = record.metrics.get("accuracy")
+    if record.state != "COMPLETE" or radii is None or accuracy is None:
+        return record.model_copy(update={"values": None})
     certified_key = metric_key("certified_accuracy", eps)
-    at_eps["values"] = {
-        "accuracy": float(accuracy),
-        certified_key: float(radii.certified_accuracy(eps)),
-    }
-    return at_eps
+    values = {"accuracy": float(accuracy), certified_key: float(radii.certified_accuracy(eps))}
+    return record.model_copy(update={"values": values})
 
 
 def _feasible(frozen_trial: FrozenTrial, spec: StudySpec, metrics: Mapping[str, float]) -> bool:
@@ -192,26 +190,26 @@ def _isoformat(moment: datetime | None) -> str | None:
 # --------------------------------------------------------------------------- fronts
 
 
-def candidates(records: Iterable[Record]) -> list[Record]:
+def candidates(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The records that compete: completed, with values, not known to be infeasible."""
     return [
         record
         for record in records
-        if record["state"] == "COMPLETE"
-        and record["values"] is not None
-        and record["feasible"] is not False
+        if record.state == "COMPLETE" and record.values is not None and record.feasible is not False
     ]
 
 
-def _losses(records: Sequence[Record], objectives: Sequence[ObjectiveEntry]) -> np.ndarray:
+def _losses(records: Sequence[TrialRecord], objectives: Sequence[ObjectiveEntry]) -> np.ndarray:
     """Values as an (N, M) array where smaller is better in every column (Optuna's convention)."""
     return as_losses(
-        [[record["values"][objective["key"]] for objective in objectives] for record in records],
+        [[record.values[objective["key"]] for objective in objectives] for record in records],
         [objective["direction"] for objective in objectives],
     )
 
 
-def pareto_front(records: Iterable[Record], objectives: Sequence[ObjectiveEntry]) -> list[Record]:
+def pareto_front(
+    records: Iterable[TrialRecord], objectives: Sequence[ObjectiveEntry]
+) -> list[TrialRecord]:
     """The non-dominated feasible completed records, sorted by the first objective (best first).
 
     A record dominates another when it is at least as good in every objective and strictly
@@ -221,7 +219,7 @@ def pareto_front(records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
     usable = [
         record
         for record in candidates(records)
-        if all(key in record["values"] and not math.isnan(record["values"][key]) for key in keys)
+        if all(key in record.values and not math.isnan(record.values[key]) for key in keys)
     ]
     if not usable:
         return []
@@ -233,15 +231,15 @@ def pareto_front(records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
 
 
 def pareto_front_at_eps(
-    records: Iterable[Record], radii: Mapping[int, RadiiSummary | None], eps: float
-) -> list[Record]:
+    records: Iterable[TrialRecord], radii: Mapping[int, RadiiSummary | None], eps: float
+) -> list[TrialRecord]:
     """The front in (accuracy, certified accuracy at ``eps``); ``radii`` maps trial number to the
     trial's :class:`RadiiSummary`. The returned records carry the eps values."""
-    at_eps = [record_at_eps(record, radii.get(record["number"]), eps) for record in records]
+    at_eps = [record_at_eps(record, radii.get(record.number), eps) for record in records]
     return pareto_front(at_eps, eps_objectives(eps))
 
 
-def knee(front: Sequence[Record], objectives: Sequence[ObjectiveEntry]) -> Record | None:
+def knee(front: Sequence[TrialRecord], objectives: Sequence[ObjectiveEntry]) -> TrialRecord | None:
     """The knee of a front: the trial closest to the ideal point once each objective is scaled
     to [0, 1] over the front (0 = the front's best, 1 = its worst), in Euclidean distance.
 
@@ -258,7 +256,7 @@ def knee(front: Sequence[Record], objectives: Sequence[ObjectiveEntry]) -> Recor
 
 
 def reference_point(
-    records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
+    records: Iterable[TrialRecord], objectives: Sequence[ObjectiveEntry]
 ) -> list[float] | None:
     """The hypervolume reference point, in the objectives' own units.
 
@@ -276,7 +274,7 @@ def reference_point(
         observed = [
             value
             for record in completed
-            if (value := record["values"].get(objective["key"])) is not None
+            if (value := record.values.get(objective["key"])) is not None
         ]
         if not observed:
             return None
@@ -285,7 +283,7 @@ def reference_point(
 
 
 def hypervolume(
-    records: Iterable[Record],
+    records: Iterable[TrialRecord],
     objectives: Sequence[ObjectiveEntry],
     reference: Sequence[float] | None = None,
 ) -> float | None:
@@ -313,7 +311,7 @@ def hypervolume(
 
 
 def best_so_far(
-    records: Iterable[Record], objectives: Sequence[ObjectiveEntry]
+    records: Iterable[TrialRecord], objectives: Sequence[ObjectiveEntry]
 ) -> dict[str, dict[str, Any]]:
     """Per objective key, ``{"value", "trial"}`` of the best feasible completed trial (the
     earliest on ties); objectives without any such trial are left out."""
@@ -322,34 +320,34 @@ def best_so_far(
     for objective in objectives:
         key = objective["key"]
         sign = -1.0 if objective["direction"] == "maximize" else 1.0
-        scored = [r for r in completed if key in r["values"] and not math.isnan(r["values"][key])]
+        scored = [r for r in completed if key in r.values and not math.isnan(r.values[key])]
         if not scored:
             continue
-        winner = min(scored, key=lambda r: (sign * r["values"][key], r["number"]))
-        best[key] = {"value": winner["values"][key], "trial": winner["number"]}
+        winner = min(scored, key=lambda r: (sign * r.values[key], r.number))
+        best[key] = {"value": winner.values[key], "trial": winner.number}
     return best
 
 
-def state_counts(records: Iterable[Record]) -> dict[str, int]:
+def state_counts(records: Iterable[TrialRecord]) -> dict[str, int]:
     """The number of trials in each of :data:`TRIAL_STATES` (zeros included)."""
     counts = dict.fromkeys(TRIAL_STATES, 0)
     for record in records:
-        counts[record["state"]] = counts.get(record["state"], 0) + 1
+        counts[record.state] = counts.get(record.state, 0) + 1
     return counts
 
 
-def epoch_counts(records: Iterable[Record], epochs_per_trial: int) -> dict[str, int]:
+def epoch_counts(records: Iterable[TrialRecord], epochs_per_trial: int) -> dict[str, int]:
     """``spent``: the epochs the study's trials trained; ``saved``: the epochs its pruned trials
     did not train (``epochs_per_trial - pruned_at_epoch`` each)."""
     spent = saved = 0
     for record in records:
-        spent += record["epochs_trained"]
-        if record["state"] == "PRUNED" and record["pruned_at_epoch"] is not None:
-            saved += max(0, epochs_per_trial - record["pruned_at_epoch"])
+        spent += record.epochs_trained
+        if record.state == "PRUNED" and record.pruned_at_epoch is not None:
+            saved += max(0, epochs_per_trial - record.pruned_at_epoch)
     return {"spent": spent, "saved": saved}
 
 
-def eta_seconds(records: Sequence[Record], n_trials: int, now: datetime) -> float | None:
+def eta_seconds(records: Sequence[TrialRecord], n_trials: int, now: datetime) -> float | None:
     """Seconds until the study has ``n_trials`` completed trials, estimated as
 
     ``(remaining * mean_duration - elapsed_of_running) / max(1, running)``
@@ -359,19 +357,17 @@ def eta_seconds(records: Sequence[Record], n_trials: int, now: datetime) -> floa
     already spent (each counted at most ``mean_duration``). ``0`` when the budget is met, ``None``
     before any trial completed. ``now`` must be comparable with the trials' start times.
     """
-    completed = [r for r in records if r["state"] == "COMPLETE" and r["duration_s"] is not None]
+    completed = [r for r in records if r.state == "COMPLETE" and r.duration_s is not None]
     # a pruned trial used its slot of the budget
-    remaining = n_trials - sum(r["state"] in ("COMPLETE", "PRUNED") for r in records)
+    remaining = n_trials - sum(r.state in ("COMPLETE", "PRUNED") for r in records)
     if remaining <= 0:
         return 0.0
     if not completed:
         return None
-    mean_duration = float(np.mean([r["duration_s"] for r in completed]))
-    running = [r for r in records if r["state"] == "RUNNING" and r["started_at"] is not None]
+    mean_duration = float(np.mean([r.duration_s for r in completed]))
+    running = [r for r in records if r.state == "RUNNING" and r.started_at is not None]
     elapsed = sum(
-        min(
-            mean_duration, max(0.0, (now - datetime.fromisoformat(r["started_at"])).total_seconds())
-        )
+        min(mean_duration, max(0.0, (now - datetime.fromisoformat(r.started_at)).total_seconds()))
         for r in running
     )
     return max(0.0, (remaining * mean_duration - max(0.0, elapsed)) / max(1, len(running)))
@@ -381,7 +377,7 @@ def eta_seconds(records: Sequence[Record], n_trials: int, now: datetime) -> floa
 
 
 @dataclass(frozen=True)
-class Recommendation:
+class RequirementMatch:
     """The answer to "which trial meets this requirement?".
 
     ``trial`` is the best record that meets every minimum (``None`` when none does). Otherwise
@@ -390,8 +386,8 @@ class Recommendation:
     reached per metric key.
     """
 
-    trial: Record | None
-    closest: Record | None = None
+    trial: TrialRecord | None
+    closest: TrialRecord | None = None
     shortfall: dict[str, float] = field(default_factory=dict)
     best_achieved: dict[str, float] = field(default_factory=dict)
 
@@ -409,17 +405,17 @@ def default_eps(spec: StudySpec) -> float:
 @dataclass(frozen=True)
 class RequirementAnswer:
     """:func:`recommend_for` 's answer: the ``minimums`` asked (metric key -> minimum), the key
-    it maximised, the records at ``eps`` it chose among, and the :class:`Recommendation`."""
+    it maximised, the records at ``eps`` it chose among, and the :class:`RequirementMatch`."""
 
     eps: float
     minimums: dict[str, float]
     maximize: str
-    records: list[Record]
-    recommendation: Recommendation
+    records: list[TrialRecord]
+    recommendation: RequirementMatch
 
 
 def recommend_for(
-    records: Iterable[Record],
+    records: Iterable[TrialRecord],
     radii: Mapping[int, RadiiSummary | None],
     eps: float,
     *,
@@ -439,18 +435,18 @@ def recommend_for(
     if not minimums:
         raise ValueError("give min_accuracy and/or min_certified_accuracy")
     maximize = "accuracy" if min_certified_accuracy is not None else certified
-    at_eps = [record_at_eps(r, radii.get(r["number"]), eps) for r in records]
+    at_eps = [record_at_eps(r, radii.get(r.number), eps) for r in records]
     return RequirementAnswer(eps, minimums, maximize, at_eps, recommend(at_eps, minimums, maximize))
 
 
-def _value(record: Record, key: str) -> float | None:
-    value = (record["values"] or {}).get(key, record["metrics"].get(key))
+def _value(record: TrialRecord, key: str) -> float | None:
+    value = (record.values or {}).get(key, record.metrics.get(key))
     return None if value is None or math.isnan(value) else float(value)
 
 
 def recommend(
-    records: Iterable[Record], minimums: Mapping[str, float], maximize: str
-) -> Recommendation:
+    records: Iterable[TrialRecord], minimums: Mapping[str, float], maximize: str
+) -> RequirementMatch:
     """The candidate with the largest ``maximize`` value among those whose value of each key of
     ``minimums`` is at least its minimum (ties: the earliest trial).
 
@@ -468,23 +464,23 @@ def recommend(
         )
     ]
     if meeting:
-        chosen = min(meeting, key=lambda r: (-_value(r, maximize), r["number"]))  # type: ignore[operator]
-        return Recommendation(trial=chosen)
+        chosen = min(meeting, key=lambda r: (-_value(r, maximize), r.number))  # type: ignore[operator]
+        return RequirementMatch(trial=chosen)
     best_achieved = {}
     for key in minimums:
         achieved = [value for r in pool if (value := _value(r, key)) is not None]
         if achieved:
             best_achieved[key] = max(achieved)
 
-    def shortfall(record: Record) -> dict[str, float]:
+    def shortfall(record: TrialRecord) -> dict[str, float]:
         return {
             key: max(0.0, minimum - (_value(record, key) or 0.0))
             for key, minimum in minimums.items()
         }
 
     if not pool:
-        return Recommendation(trial=None, best_achieved=best_achieved)
-    closest = min(pool, key=lambda r: (sum(shortfall(r).values()), r["number"]))
-    return Recommendation(
+        return RequirementMatch(trial=None, best_achieved=best_achieved)
+    closest = min(pool, key=lambda r: (sum(shortfall(r).values()), r.number))
+    return RequirementMatch(
         trial=None, closest=closest, shortfall=shortfall(closest), best_achieved=best_achieved
     )

@@ -14,8 +14,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
 
-from service.results import TRIAL_STATES
 from worker.study import STATUSES
+
+#: Trial states as the API names them, in display order.
+TRIAL_STATES = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
 
 TrialStateName = Literal[TRIAL_STATES]  # type: ignore[valid-type]
 StudyStatusName = Literal[STATUSES]  # type: ignore[valid-type]
@@ -86,6 +88,11 @@ class AttackResult(AttackCheck):
 
 
 class TrialRecord(_Schema):
+    """One trial as the service sees it: the one typed, frozen view that results, pages and
+    responses share, built once per trial by :func:`service.results.trial_record`."""
+
+    model_config = ConfigDict(ser_json_inf_nan="strings", frozen=True)
+
     number: int
     state: TrialStateName
     params: dict[str, str | Number | None] = Field(

@@ -19,6 +19,7 @@ from optuna.trial import TrialState, create_trial
 from test_api_studies import DIGITS_SPEC, PROBLEM, make_client
 
 from service import results
+from service.schemas import TrialRecord
 from worker.trial._certificates import RadiiSummary
 
 CERT = "certified_accuracy_eps_0.3"
@@ -140,8 +141,9 @@ def test_recommend_best_meeting_requirement_knee_and_how_close(populated):
     ).json()
     assert by_accuracy["trial"]["number"] == 1  # the most robust with >= 0.8 accuracy
     knee = client.get(f"/studies/{study_id}/recommend", params={"strategy": "knee"}).json()
-    expected = results.knee(_front(client, study_id), knee["objectives"])
-    assert knee["trial"]["number"] == expected["number"]
+    front = [TrialRecord.model_validate(trial) for trial in _front(client, study_id)]
+    expected = results.knee(front, knee["objectives"])
+    assert knee["trial"]["number"] == expected.number
     missed = client.get(f"/studies/{study_id}/recommend", params={"min_certified_accuracy": 0.9})
     assert missed.status_code == 404 and missed.headers["content-type"] == PROBLEM
     problem = missed.json()

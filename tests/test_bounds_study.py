@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 
 from service.migrations import upgrade
 from worker.loop import Worker, WorkerOptions
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import create_study, optuna_study_name
 
 
@@ -25,7 +25,7 @@ def test_a_classwise_study_completes_with_bounds_recorded(
     study = optuna.load_study(study_name=optuna_study_name("classwise"), storage=sqlite_url)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     for trial in study.trials:
-        record = TrialRecord.read(trial)
+        record = TrialAttributes.read(trial)
         assert record.certificate_mode == "classwise"
         assert record.failure_reason is None
         # Each logit's guaranteed bound, at most 1 + the gate's tolerance; estimate below it.

@@ -10,7 +10,7 @@ import pytest
 from test_browser import browser, open_page, page, screenshot, server  # noqa: F401
 from test_pages import told_trial
 
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import load_study
 from worker.trial._certificates import AttackSummary
 
@@ -24,7 +24,7 @@ def _add_attacked_trial(storage, study_id: str, attack: AttackSummary) -> None:
             params=trial.params,
             distributions=trial.distributions,
             values=trial.values,
-            user_attrs={**trial.user_attrs, **TrialRecord(attack=attack).user_attrs()},
+            user_attrs={**trial.user_attrs, **TrialAttributes(attack=attack).user_attrs()},
         )
     )
 

@@ -24,7 +24,7 @@ from test_pages import HTML, JSON, told_trial, with_role
 from service.app import create_app
 from service.config import Settings
 from worker.loop import Worker, WorkerOptions
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import load_study
 from worker.tracking._mlflow import TrackingConfig
 from worker.trial._certificates import AttackSummary
@@ -118,7 +118,10 @@ def test_a_broken_certificate_is_flagged_everywhere(app_client: TestClient) -> N
     for number in range(2):
         trial = told_trial(number, rng)
         if number == 1:  # the front's trial
-            attrs: dict[str, Any] = {**trial.user_attrs, **TrialRecord(attack=attack).user_attrs()}
+            attrs: dict[str, Any] = {
+                **trial.user_attrs,
+                **TrialAttributes(attack=attack).user_attrs(),
+            }
             trial = optuna.trial.create_trial(
                 params=trial.params,
                 distributions=trial.distributions,

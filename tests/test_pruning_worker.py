@@ -20,7 +20,7 @@ from worker.loop import Worker, WorkerOptions
 from worker.search._pruning import MOASHA
 from worker.spec import LossSpec, StudySpec, TrainingSpec
 from worker.study import _claims as claims
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import create_study, optuna_study_name
 from worker.trial._evaluation import mean_certified_radius, predict
 from worker.trial._losses import build_loss
@@ -119,12 +119,12 @@ def test_a_hopeless_setting_is_pruned_at_the_first_rung(
     hopeless = trials[3]
     assert hopeless.params.get("temperature", 0.01) == 0.01
     assert hopeless.state == TrialState.PRUNED
-    record = TrialRecord.read(hopeless)
+    record = TrialAttributes.read(hopeless)
     assert record.pruned_at_epoch == 1 and len(record.epochs) == 1
     assert record.metrics == {}  # no test evaluation for a pruned trial
     # the decision is the pure ranking of the stored validation records
     pruner = MOASHA(pruned_spec())
-    others = [(t.number, TrialRecord.read(t).epochs) for t in trials[:3]]
+    others = [(t.number, TrialAttributes.read(t).epochs) for t in trials[:3]]
     assert pruner.decide(3, record.epochs, others)
     assert trials[0].state == TrialState.COMPLETE  # the first at a rung always continues
     assert study.user_attrs["liptune.status"] == "completed"
@@ -184,9 +184,9 @@ def test_two_workers_decide_at_once_on_postgresql(
     assert sorted(row.slot for row in rows) == list(range(10))
     assert all(row.state == claims.COMPLETE for row in rows)
     assert sorted(row.trial_number for row in rows) == list(range(10))
-    assert {TrialRecord.read(t).worker for t in trials} == {"w0", "w1"}
+    assert {TrialAttributes.read(t).worker for t in trials} == {"w0", "w1"}
     for trial in trials:
-        record = TrialRecord.read(trial)
+        record = TrialAttributes.read(trial)
         if trial.state == TrialState.PRUNED:
             assert record.pruned_at_epoch in (1, 3)
             assert len(record.epochs) == record.pruned_at_epoch
@@ -213,7 +213,7 @@ def test_pruned_trials_through_the_api_and_pages(
         pass
     study = optuna.load_study(study_name=optuna_study_name(study_id), storage=sqlite_url)
     pruned = {
-        t.number: TrialRecord.read(t).pruned_at_epoch
+        t.number: TrialAttributes.read(t).pruned_at_epoch
         for t in study.trials
         if t.state == TrialState.PRUNED
     }

@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from worker.study._record import TrialRecord, key
+from worker.study._record import TrialAttributes, key
 from worker.trial._certificates import AttackSummary, RadiiSummary
 
 
@@ -15,7 +15,7 @@ def test_record_round_trips_through_optuna_storage(tmp_path):
     study = optuna.create_study(storage=storage, study_name="s")
     trial = study.ask()
     radii = RadiiSummary.from_arrays(np.array([0.1, 0.5, 0.0, 1.2]), np.array([1, 1, 0, 1], bool))
-    record = TrialRecord(
+    record = TrialAttributes(
         worker="w0",
         metrics={"accuracy": 0.9},
         epochs=[{"epoch": 1.0, "train_loss": 0.3}],
@@ -34,7 +34,7 @@ def test_record_round_trips_through_optuna_storage(tmp_path):
     record.write(trial)
     study.tell(trial, 1.0)
     frozen = optuna.load_study(study_name="s", storage=storage).trials[0]
-    back = TrialRecord.read(frozen)
+    back = TrialAttributes.read(frozen)
     assert back.radii is not None
     np.testing.assert_allclose(back.radii.radii, radii.radii)
     assert back.radii.n == 4
@@ -52,16 +52,16 @@ def test_write_named_fields_only_and_rejects_unknown_names():
         def set_user_attr(self, name, value):
             attrs[name] = value
 
-    TrialRecord(worker="w", retries=0, lipschitz_bound=math.inf).write(Sink(), "retries")
+    TrialAttributes(worker="w", retries=0, lipschitz_bound=math.inf).write(Sink(), "retries")
     assert attrs == {key("retries"): 0}
     with pytest.raises(ValueError, match="no field"):
-        TrialRecord().write(Sink(), "retires")
+        TrialAttributes().write(Sink(), "retires")
 
 
 def test_read_of_an_empty_trial_is_the_default_record():
-    assert TrialRecord.read({}) == TrialRecord()
+    assert TrialAttributes.read({}) == TrialAttributes()
 
 
 def test_read_named_fields_only():
-    attrs = TrialRecord(worker="w", retries=2).user_attrs()
-    assert TrialRecord.read(attrs, "retries") == TrialRecord(retries=2)
+    attrs = TrialAttributes(worker="w", retries=2).user_attrs()
+    assert TrialAttributes.read(attrs, "retries") == TrialAttributes(retries=2)

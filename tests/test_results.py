@@ -14,6 +14,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from service import results
+from service.schemas import TrialRecord
 from worker.spec import StudySpec
 from worker.trial._certificates import RadiiSummary
 
@@ -31,21 +32,26 @@ CERT = "certified_accuracy_eps_0.3"
 
 def _record(number, accuracy, certified, *, state="COMPLETE", feasible=True, duration=10.0):
     done = state == "COMPLETE"
-    return {
-        "number": number,
-        "state": state,
-        "params": {"loss": "hkr", "margin": 0.5, "alpha_kr": 10.0},
-        "values": {"accuracy": accuracy, CERT: certified} if done else None,
-        "metrics": {"accuracy": accuracy, CERT: certified} if done else {},
-        "feasible": feasible if done else None,
-        "failure_reason": None,
-        "mlflow_run_id": None,
-        "model_uri": None,
-        "started_at": datetime(2024, 1, 1).isoformat(),
-        "completed_at": None,
-        "duration_s": duration if done else None,
-        "retry_of": None,
-    }
+    return TrialRecord.model_validate(
+        {
+            "number": number,
+            "state": state,
+            "params": {"loss": "hkr", "margin": 0.5, "alpha_kr": 10.0},
+            "values": {"accuracy": accuracy, CERT: certified} if done else None,
+            "metrics": {"accuracy": accuracy, CERT: certified} if done else {},
+            "feasible": feasible if done else None,
+            "failure_reason": None,
+            "mlflow_run_id": None,
+            "model_uri": None,
+            "started_at": datetime(2024, 1, 1).isoformat(),
+            "completed_at": None,
+            "duration_s": duration if done else None,
+            "retry_of": None,
+            "epochs_trained": 0,
+            "pruned_at_epoch": None,
+            "values_reached": None,
+        }
+    )
 
 
 def test_trial_record_of_a_completed_hkr_trial_with_infinite_alpha():
@@ -67,22 +73,22 @@ def test_trial_record_of_a_completed_hkr_trial_with_infinite_alpha():
         },
     )
     record = results.trial_record(trial, SPEC)
-    assert record["state"] == "COMPLETE"
-    assert record["params"] == {"loss": "hkr", "margin": 0.4, "alpha_kr": math.inf}
-    assert record["values"] == {"accuracy": 0.9, CERT: 0.6}
-    assert record["metrics"]["mean_certified_radius"] == 0.3
-    assert record["feasible"] is True
-    assert (record["mlflow_run_id"], record["model_uri"], record["retry_of"]) == (
+    assert record.state == "COMPLETE"
+    assert record.params == {"loss": "hkr", "margin": 0.4, "alpha_kr": math.inf}
+    assert record.values == {"accuracy": 0.9, CERT: 0.6}
+    assert record.metrics["mean_certified_radius"] == 0.3
+    assert record.feasible is True
+    assert (record.mlflow_run_id, record.model_uri, record.retry_of) == (
         "abc",
         "models:/m-1",
         3,
     )
-    assert record["duration_s"] == 0.0
+    assert record.duration_s == 0.0
     decoded = results.trial_radii(trial)
     assert decoded is not None and decoded.n == 4
     at_eps = results.record_at_eps(record, decoded, 0.3)
-    assert at_eps["values"] == {"accuracy": 0.9, CERT: pytest.approx(0.5)}
-    assert record["values"][CERT] == 0.6  # the copy left the original alone
+    assert at_eps.values == {"accuracy": 0.9, CERT: pytest.approx(0.5)}
+    assert record.values[CERT] == 0.6  # the copy left the original alone
 
 
 def test_trial_record_of_failed_and_infeasible_trials():
@@ -96,9 +102,9 @@ def test_trial_record_of_failed_and_infeasible_trials():
         user_attrs={"liptune.failure_reason": "loss diverged (nan)"},
     )
     record = results.trial_record(failed, SPEC)
-    assert record["values"] is None and record["feasible"] is None
-    assert record["params"] == {"loss": "tau_ce", "temperature": 5.0}
-    assert record["failure_reason"] == "loss diverged (nan)"
+    assert record.values is None and record.feasible is None
+    assert record.params == {"loss": "tau_ce", "temperature": 5.0}
+    assert record.failure_reason == "loss diverged (nan)"
 
     infeasible = create_trial(
         params={"loss": "kr"},
@@ -106,7 +112,7 @@ def test_trial_record_of_failed_and_infeasible_trials():
         values=[0.5, 0.1],
         constraints={"certified_accuracy_eps_0.5>=0.6": 0.2},
     )
-    assert results.trial_record(infeasible, SPEC)["feasible"] is False
+    assert results.trial_record(infeasible, SPEC).feasible is False
 
 
 def test_pareto_front_keeps_only_non_dominated_feasible_completed_trials():
@@ -120,7 +126,7 @@ def test_pareto_front_keeps_only_non_dominated_feasible_completed_trials():
         _record(6, 0.80, 0.50),  # ties with 1: both stay
     ]
     front = results.pareto_front(records, OBJECTIVES)
-    assert [r["number"] for r in front] == [0, 1, 6, 3]
+    assert [r.number for r in front] == [0, 1, 6, 3]
 
 
 def test_pareto_front_at_eps_is_recomputed_from_the_radii():
@@ -131,15 +137,15 @@ def test_pareto_front_at_eps_is_recomputed_from_the_radii():
         1: RadiiSummary.from_arrays(np.full(10, 2.0), np.arange(10) < 8),
     }
     front_small = results.pareto_front_at_eps(records, radii, 0.01)
-    assert [r["number"] for r in front_small] == [0]
+    assert [r.number for r in front_small] == [0]
     front_large = results.pareto_front_at_eps(records, radii, 1.0)
-    assert [r["number"] for r in front_large] == [0, 1]
-    assert front_large[1]["values"]["certified_accuracy_eps_1"] == pytest.approx(0.8)
+    assert [r.number for r in front_large] == [0, 1]
+    assert front_large[1].values["certified_accuracy_eps_1"] == pytest.approx(0.8)
 
 
 def test_knee_is_the_balanced_point():
     front = [_record(0, 0.99, 0.0), _record(1, 0.8, 0.7), _record(2, 0.3, 0.75)]
-    assert results.knee(front, OBJECTIVES)["number"] == 1
+    assert results.knee(front, OBJECTIVES).number == 1
     assert results.knee([], OBJECTIVES) is None
 
 
@@ -159,8 +165,9 @@ def test_hypervolume_reference_for_training_time_is_the_slowest_trial():
     records = []
     for number, (accuracy, seconds) in enumerate([(0.9, 10.0), (0.5, 2.0)]):
         record = _record(number, accuracy, 0.0)
-        record["values"] = {"accuracy": accuracy, "training_time": seconds}
-        records.append(record)
+        records.append(
+            record.model_copy(update={"values": {"accuracy": accuracy, "training_time": seconds}})
+        )
     assert results.reference_point(records, objectives) == [0.0, 10.0]
     assert results.hypervolume(records, objectives) == pytest.approx(0.5 * 8.0)
     assert results.hypervolume([], objectives) is None
@@ -193,10 +200,10 @@ def test_best_so_far_counts_and_eta():
 def test_recommend_best_trial_meeting_the_requirement_or_how_close():
     records = [_record(0, 0.9, 0.2), _record(1, 0.8, 0.5), _record(2, 0.6, 0.7)]
     chosen = results.recommend(records, {CERT: 0.45}, maximize="accuracy")
-    assert chosen.trial["number"] == 1
+    assert chosen.trial.number == 1
     missed = results.recommend(records, {CERT: 0.8, "accuracy": 0.5}, maximize="accuracy")
     assert missed.trial is None
-    assert missed.closest["number"] == 2
+    assert missed.closest.number == 2
     assert missed.shortfall == {CERT: pytest.approx(0.1), "accuracy": 0.0}
     assert missed.best_achieved == {CERT: 0.7, "accuracy": 0.9}
 
@@ -209,7 +216,7 @@ def test_recommend_best_trial_meeting_the_requirement_or_how_close():
 )
 def test_front_is_exactly_the_set_of_undominated_points(points):
     records = [_record(i, a, c) for i, (a, c) in enumerate(points)]
-    front = {r["number"] for r in results.pareto_front(records, OBJECTIVES)}
+    front = {r.number for r in results.pareto_front(records, OBJECTIVES)}
     for i, j in itertools.permutations(range(len(points)), 2):
         dominated = all(x <= y for x, y in zip(points[i], points[j], strict=True)) and (
             points[i] != points[j]

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from service.migrations import upgrade
 from worker.loop import Worker, WorkerOptions
 from worker.spec import TrialSpec
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import create_study, optuna_study_name
 from worker.trial._costs import estimate
 from worker.trial._devices import (
@@ -123,7 +123,7 @@ def test_trials_per_device_runs_that_many_trials_at_once_with_the_exact_budget(
     assert process.wait(timeout=400) == 0, worker_processes.log("dev")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == len(study.trials) == 4
-    workers = {TrialRecord.read(trial).worker for trial in complete}
+    workers = {TrialAttributes.read(trial).worker for trial in complete}
     assert workers == {"dev-0", "dev-1"}
     # The most trials running at one moment, from Optuna's start and completion times.
     events = sorted(

@@ -22,7 +22,7 @@ from worker.trial.datasets import (
     describe_dataset,
     load_dataset,
 )
-from worker.trial.datasets import folder as folder_module
+from worker.trial.datasets import _folder as folder_module
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from service.migrations import upgrade
 from worker.loop import Worker, WorkerOptions, run_worker
 from worker.study import _claims as claims
 from worker.study._engine import transaction_engine
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import cancel_study, create_study, experiment_name, optuna_study_name
 from worker.tracking._mlflow import FAILURE_TAG, TRIAL_NUMBER_TAG, TrackingConfig
 
@@ -115,7 +115,7 @@ def test_a_worker_on_a_bare_postgresql_url_runs_a_fresh_databases_study(
     study = optuna.load_study(study_name=optuna_study_name(study_id), storage=postgres_url)
     (trial,) = study.trials
     assert trial.state == TrialState.COMPLETE
-    assert TrialRecord.read(trial).worker == "bare"
+    assert TrialAttributes.read(trial).worker == "bare"
     assert f"{study.study_name} trial 0 complete: accuracy=" in worker_processes.log("bare")
     assert [row.state for row in claim_rows(postgres_url, study_id)] == [claims.COMPLETE]
 

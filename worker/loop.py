@@ -16,7 +16,7 @@ the
    ``pruned_at_epoch``.
 
 What a trial records beyond Optuna's params and values is its
-:class:`worker.study._record.TrialRecord` (worker, epochs, metrics, radii, MLflow ids, failure
+:class:`worker.study._record.TrialAttributes` (worker, epochs, metrics, radii, MLflow ids, failure
 reason, retries); every read and write of the databases goes through
 :class:`worker.study._store.StudyStore`, one method per storage operation. In a single-objective
 study each epoch's validation value of the objective is also reported to Optuna (``trial.report``),
@@ -54,7 +54,7 @@ from worker.search._space import trial_params
 from worker.spec import StudySpec
 from worker.study._claims import Claim, ClaimState
 from worker.study._engine import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._store import StudyStore
 from worker.study._studies import SPEC_ATTR, StudyStatus, experiment_name, load_spec
 from worker.tracking._mlflow import (
@@ -295,7 +295,7 @@ class Worker:
                 return
             trial_id = self.store.attach(claim, trial)
             beat.attach(trial_id)
-            self.store.write_record(trial_id, TrialRecord(worker=self.options.worker_id))
+            self.store.write_record(trial_id, TrialAttributes(worker=self.options.worker_id))
             try:
                 result = self._train(study, study_id, spec, trial)
             except Exception as error:
@@ -351,7 +351,7 @@ class Worker:
 
         def on_epoch(record: dict[str, Any]) -> None:
             epochs.append(record)
-            self.store.write_record(trial_id, TrialRecord(epochs=epochs), "epochs")
+            self.store.write_record(trial_id, TrialAttributes(epochs=epochs), "epochs")
             if reported is not None and reported in record:
                 self.store.report(trial, float(record[reported]), int(record["epoch"]))
 
@@ -424,7 +424,7 @@ class Worker:
             if not self.store.finish_claim(claim, ClaimState.COMPLETE):
                 self._fail(study, trial, claim, "its claim was freed as stale by another worker")
                 return
-            record = TrialRecord(pruned_at_epoch=result.pruned_at_epoch)
+            record = TrialAttributes(pruned_at_epoch=result.pruned_at_epoch)
             if self.store.prune(study, trial, record):
                 logger.info(
                     "%s trial %d pruned after epoch %d",
@@ -484,7 +484,9 @@ class Worker:
         logger.info("%s trial %d failed: %s", study.study_name, trial.number, reason)
         self.store.finish_claim(claim, ClaimState.FAILED, reason)
         # False when another worker already failed it as stale.
-        self.store.fail(study, trial, TrialRecord(failure_reason=reason, failure_details=details))
+        self.store.fail(
+            study, trial, TrialAttributes(failure_reason=reason, failure_details=details)
+        )
 
     # ------------------------------------------------------------------ dead workers
 
@@ -519,7 +521,7 @@ class Worker:
     def _fail_stale_trial(
         self, study: optuna.Study, spec: StudySpec | None, trial_id: int, reason: str
     ) -> None:
-        if not self.store.fail_trial_id(trial_id, TrialRecord(failure_reason=reason)):
+        if not self.store.fail_trial_id(trial_id, TrialAttributes(failure_reason=reason)):
             return  # its worker finished it after all
         trial = self.store.get_trial(trial_id)
         logger.info("%s trial %d failed: %s", study.study_name, trial.number, reason)
@@ -527,11 +529,11 @@ class Worker:
             self._retry(study, spec, trial)
 
     def _retry(self, study: optuna.Study, spec: StudySpec, trial: optuna.trial.FrozenTrial) -> None:
-        retries = TrialRecord.read(trial).retries
+        retries = TrialAttributes.read(trial).retries
         params = trial_params(trial)
         if retries >= spec.max_retries or "loss" not in params:
             return
-        retry = TrialRecord(retry_of=trial.number, retries=retries + 1)
+        retry = TrialAttributes(retry_of=trial.number, retries=retries + 1)
         self.store.enqueue(study, params, retry.user_attrs("retry_of", "retries"))
 
     def _set_status(self, study_name: str, status: StudyStatus, reason: str | None = None) -> None:
@@ -552,9 +554,9 @@ class Worker:
                     self._fail_stale_trial(study, None, trial_id, "no worker holds it")
 
 
-def _result_record(result: TrialResult) -> TrialRecord:
+def _result_record(result: TrialResult) -> TrialAttributes:
     """The outcome fields of a trial's record."""
-    return TrialRecord(
+    return TrialAttributes(
         metrics=dict(result.metrics),
         epochs=list(result.epochs),
         radii=result.radii,

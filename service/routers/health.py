@@ -22,8 +22,7 @@ from sqlalchemy import text
 
 from service.dependencies import Resources, get_resources
 from service.problems import Problem
-from service.results import TRIAL_STATES
-from service.schemas import Health
+from service.schemas import TRIAL_STATES, Health
 from worker.study import STATUSES, StudyStatus, StudyStore, load_spec, study_status
 
 router = APIRouter(tags=["health"])

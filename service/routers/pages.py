@@ -56,7 +56,6 @@ from service.dependencies import (
 )
 from service.problems import Problem
 from service.results import (
-    Record,
     candidates,
     default_eps,
     eps_objectives,
@@ -66,9 +65,10 @@ from service.results import (
     record_at_eps,
     reference_point,
 )
+from service.schemas import TrialRecord
 from worker.common import without_credentials
 from worker.spec import metric_key
-from worker.study import TrialRecord, optuna_study_name
+from worker.study import TrialAttributes, optuna_study_name
 from worker.trial import RadiiSummary
 
 #: Points of a certified-accuracy curve.
@@ -203,19 +203,19 @@ def plotly_js() -> FileResponse:
 # --------------------------------------------------------------------------- helpers
 
 
-def _value(record: Record, key: str) -> float | None:
-    value = (record["values"] or {}).get(key, record["metrics"].get(key))
+def _value(record: TrialRecord, key: str) -> float | None:
+    value = (record.values or {}).get(key, record.metrics.get(key))
     return None if value is None or math.isnan(value) else float(value)
 
 
 def _plane(
     snapshot: StudySnapshot, eps: float | None
-) -> tuple[list[Record], list[Record], str, str]:
+) -> tuple[list[TrialRecord], list[TrialRecord], str, str]:
     """(records placed in the plane, the front, x key, y key): with ``eps`` the front in
     (accuracy, certified accuracy at eps) from the radii, without it the study objectives' front
     (the same as ``GET /studies/{id}/pareto[?eps=]``)."""
     if eps is not None:
-        placed = [record_at_eps(r, snapshot.radii.get(r["number"]), eps) for r in snapshot.records]
+        placed = [record_at_eps(r, snapshot.radii.get(r.number), eps) for r in snapshot.records]
         objectives = eps_objectives(eps)
         return placed, pareto_front(placed, objectives), objectives[0]["key"], objectives[1]["key"]
     objectives = objective_entries(snapshot.spec)
@@ -266,41 +266,41 @@ class FigureQuery:
 def pareto(snapshot: StudySnapshot, query: FigureQuery) -> go.Figure:
     """Every completed trial, the front highlighted, the requirement filters applied."""
     placed, front, x_key, y_key = _plane(snapshot, query.eps)
-    objective_values = {r["number"]: r["values"] or {} for r in snapshot.records}
+    objective_values = {r.number: r.values or {} for r in snapshot.records}
     points = [
         figures.TrialPoint(
-            number=record["number"],
-            family=str(record["params"].get("loss")),
+            number=record.number,
+            family=str(record.params.get("loss")),
             x=x,
             y=y,
-            params=record["params"],
-            values={**objective_values[record["number"]], **record["values"]},
-            feasible=record["feasible"],
+            params=record.params,
+            values={**objective_values[record.number], **record.values},
+            feasible=record.feasible,
         )
         for record in placed
-        if record["state"] == "COMPLETE"
-        and record["values"] is not None
+        if record.state == "COMPLETE"
+        and record.values is not None
         and (x := _value(record, x_key)) is not None
         and (y := _value(record, y_key)) is not None
     ]
     pruned = [
         figures.TrialPoint(
-            number=record["number"],
-            family=str(record["params"].get("loss")),
+            number=record.number,
+            family=str(record.params.get("loss")),
             x=reached[x_key],
             y=reached[y_key],
-            params=record["params"],
+            params=record.params,
             values={x_key: reached[x_key], y_key: reached[y_key]},
-            pruned_at_epoch=record["pruned_at_epoch"],
+            pruned_at_epoch=record.pruned_at_epoch,
         )
         for record in snapshot.records
-        if record["state"] == "PRUNED"
-        and (reached := record["values_reached"] or {}).keys() >= {x_key, y_key}
+        if record.state == "PRUNED"
+        and (reached := record.values_reached or {}).keys() >= {x_key, y_key}
     ]
     meeting, recommendation = _requirements(snapshot, query)
     figure = figures.pareto_figure(
         points,
-        [r["number"] for r in front],
+        [r.number for r in front],
         x_key=x_key,
         y_key=y_key,
         meeting=meeting,
@@ -332,15 +332,15 @@ def _requirements(
     )
     minimums, maximize, answer = asked.minimums, asked.maximize, asked.recommendation
     meeting = [
-        r["number"]
+        r.number
         for r in candidates(asked.records)
         if all((v := _value(r, k)) is not None and v >= m for k, m in minimums.items())
     ]
     return meeting, {
-        "trial": answer.trial["number"] if answer.trial else None,
+        "trial": answer.trial.number if answer.trial else None,
         "maximize": maximize,
         "minimums": minimums,
-        "closest": answer.closest["number"] if answer.closest else None,
+        "closest": answer.closest.number if answer.closest else None,
         "shortfall": answer.shortfall,
         "best_achieved": answer.best_achieved,
     }
@@ -352,7 +352,7 @@ def certified_accuracy_curves(snapshot: StudySnapshot, query: FigureQuery) -> go
     with_radii = [
         (record, radii)
         for record in front
-        if (radii := snapshot.radii.get(record["number"])) is not None and radii.n > 0
+        if (radii := snapshot.radii.get(record.number)) is not None and radii.n > 0
     ]
     marker = query.marker or query.eps or default_eps(snapshot.spec)
     upper = max([marker * 1.5, *snapshot.spec.report_eps()])
@@ -362,8 +362,8 @@ def certified_accuracy_curves(snapshot: StudySnapshot, query: FigureQuery) -> go
     grid = np.linspace(0.0, upper, CURVE_POINTS)
     curves = [
         figures.AccuracyCurve(
-            number=record["number"],
-            family=str(record["params"].get("loss")),
+            number=record.number,
+            family=str(record.params.get("loss")),
             eps=grid.tolist(),
             certified_accuracy=radii.certified_accuracy(grid).tolist(),
         )
@@ -439,7 +439,7 @@ def study_figure(
 
 def training_curves(trial: FrozenTrial, snapshot: StudySnapshot) -> go.Figure:
     """The per-epoch log of the trial (its record's ``epochs``)."""
-    epochs = TrialRecord.read(trial).epochs
+    epochs = TrialAttributes.read(trial).epochs
     if not epochs and trial.state == TrialState.COMPLETE:
         return figures.empty_figure("This trial recorded no per-epoch log.")
     if not epochs and trial.state.is_finished():
@@ -464,7 +464,7 @@ def radii_histogram(trial: FrozenTrial, snapshot: StudySnapshot) -> go.Figure:
 def attack_check(trial: FrozenTrial, snapshot: StudySnapshot) -> go.Figure:
     """Certified radius against adversarial distance of the points the trial's attack check
     attacked (the record's ``attack``)."""
-    attack = TrialRecord.read(trial, "attack").attack
+    attack = TrialAttributes.read(trial, "attack").attack
     if attack is None or not attack.pairs:
         return figures.empty_figure(
             "This trial stored no per-point attack check."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi_pagination import Params, paginate
@@ -77,21 +77,23 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def summary_view(snapshot: StudySnapshot) -> dict[str, Any]:
-    def compute() -> dict[str, Any]:
+def summary_view(snapshot: StudySnapshot) -> StudySummary:
+    def compute() -> StudySummary:
         objectives = results.objective_entries(snapshot.spec)
-        return {
-            "id": snapshot.id,
-            "name": snapshot.name,
-            "dataset": snapshot.spec.dataset.name,
-            "model": snapshot.spec.model.name,
-            "status": snapshot.status,
-            "n_trials": snapshot.n_trials,
-            "counts": results.state_counts(snapshot.records),
-            "best": results.best_so_far(snapshot.records, objectives),
-            "created_at": _utc(snapshot.created_at).isoformat(),
-            "urls": _urls(snapshot.id),
-        }
+        return StudySummary.model_validate(
+            {
+                "id": snapshot.id,
+                "name": snapshot.name,
+                "dataset": snapshot.spec.dataset.name,
+                "model": snapshot.spec.model.name,
+                "status": snapshot.status,
+                "n_trials": snapshot.n_trials,
+                "counts": results.state_counts(snapshot.records),
+                "best": results.best_so_far(snapshot.records, objectives),
+                "created_at": _utc(snapshot.created_at).isoformat(),
+                "urls": _urls(snapshot.id),
+            }
+        )
 
     return snapshot.memo("summary", compute)
 
@@ -103,38 +105,40 @@ def _class_names(snapshot: StudySnapshot) -> list[str] | None:
         return None
 
 
-def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
-    def compute() -> dict[str, Any]:
+def detail_view(snapshot: StudySnapshot) -> StudyDetail:
+    def compute() -> StudyDetail:
         objectives = results.objective_entries(snapshot.spec)
         eta = (
             results.eta_seconds(snapshot.records, snapshot.n_trials, datetime.now())
             if snapshot.status == StudyStatus.RUNNING
             else None
         )
-        return {
-            **summary_view(snapshot),
-            "class_names": _class_names(snapshot),
-            "spec": snapshot.spec_data,
-            "objectives": objectives,
-            "requirements": [r.model_dump(mode="json") for r in snapshot.spec.requirements],
-            "hypervolume": results.hypervolume(snapshot.records, objectives),
-            "eta_seconds": eta,
-            "epochs": results.epoch_counts(snapshot.records, snapshot.spec.training.epochs),
-        }
+        return StudyDetail.model_validate(
+            {
+                **summary_view(snapshot).model_dump(),
+                "class_names": _class_names(snapshot),
+                "spec": snapshot.spec_data,
+                "objectives": objectives,
+                "requirements": [r.model_dump(mode="json") for r in snapshot.spec.requirements],
+                "hypervolume": results.hypervolume(snapshot.records, objectives),
+                "eta_seconds": eta,
+                "epochs": results.epoch_counts(snapshot.records, snapshot.spec.training.epochs),
+            }
+        )
 
     # The ETA moves with the clock: recomputed at each refresh (once per TTL at most).
     return snapshot.memo(("detail", snapshot.refreshed_at), compute)
 
 
-def pareto_view(snapshot: StudySnapshot, eps: float | None) -> dict[str, Any]:
-    def compute() -> dict[str, Any]:
+def pareto_view(snapshot: StudySnapshot, eps: float | None) -> ParetoFront:
+    def compute() -> ParetoFront:
         if eps is None:
             objectives = results.objective_entries(snapshot.spec)
             front = results.pareto_front(snapshot.records, objectives)
         else:
             objectives = results.eps_objectives(eps)
             front = results.pareto_front_at_eps(snapshot.records, snapshot.radii, eps)
-        return {"eps": eps, "objectives": objectives, "trials": front}
+        return ParetoFront.model_validate({"eps": eps, "objectives": objectives, "trials": front})
 
     return snapshot.memo(("pareto", eps), compute)
 
@@ -226,7 +230,7 @@ def list_studies(
         }
         ids = [i for i in ids if statuses.get(optuna_study_name(i)) == status]
 
-    def summaries(page_ids: list[str]) -> list[dict[str, Any]]:
+    def summaries(page_ids: list[str]) -> list[StudySummary]:
         views = []
         for study_id in page_ids:
             try:
@@ -285,11 +289,12 @@ def recommend(
 ) -> InfJSONResponse:
     if strategy == "knee":
         front = pareto_view(snapshot, eps)
-        chosen = results.knee(front["trials"], front["objectives"])
+        objectives = [objective.model_dump() for objective in front.objectives]
+        chosen = results.knee(front.trials, objectives)
         if chosen is None:
             raise Problem(404, "empty-front", "no completed feasible trial yet: no knee")
         return InfJSONResponse(
-            {"strategy": "knee", "eps": eps, "objectives": front["objectives"], "trial": chosen}
+            Recommendation(strategy="knee", eps=eps, objectives=front.objectives, trial=chosen)
         )
     if min_certified_accuracy is None and min_accuracy is None:
         raise invalid_input(
@@ -324,10 +329,12 @@ def recommend(
             shortfall=answer.shortfall,
         )
     return InfJSONResponse(
-        {
-            "strategy": "requirement",
-            "eps": eps,
-            "objectives": results.eps_objectives(eps),
-            "trial": answer.trial,
-        }
+        Recommendation.model_validate(
+            {
+                "strategy": "requirement",
+                "eps": eps,
+                "objectives": results.eps_objectives(eps),
+                "trial": answer.trial,
+            }
+        )
     )

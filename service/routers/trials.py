@@ -36,7 +36,7 @@ from service.schemas import (
     TrialStateName,
     render_json,
 )
-from worker.study import TrialRecord as StoredRecord
+from worker.study import TrialAttributes
 from worker.tracking import ONNX_ARTIFACT, register_model, using_tracking_uri
 from worker.trial import attack_check
 
@@ -50,9 +50,9 @@ PT_FILE = "data/model.pth"
 ATTACK_ARTIFACT = "attack_check.json"
 
 
-def _record(snapshot: StudySnapshot, number: int) -> dict[str, Any]:
+def _record(snapshot: StudySnapshot, number: int) -> TrialRecord:
     for record in snapshot.records:
-        if record["number"] == number:
+        if record.number == number:
             return record
     raise Problem(
         404,
@@ -62,15 +62,15 @@ def _record(snapshot: StudySnapshot, number: int) -> dict[str, Any]:
     )
 
 
-def _completed_with_model(snapshot: StudySnapshot, number: int) -> dict[str, Any]:
+def _completed_with_model(snapshot: StudySnapshot, number: int) -> TrialRecord:
     record = _record(snapshot, number)
-    if record["state"] != "COMPLETE":
+    if record.state != "COMPLETE":
         raise Problem(
             409,
             "trial-not-complete",
-            f"trial {number} is {record['state']}: only a COMPLETE trial has a model",
+            f"trial {number} is {record.state}: only a COMPLETE trial has a model",
         )
-    if not record["model_uri"] or not record["mlflow_run_id"]:
+    if not record.model_uri or not record.mlflow_run_id:
         raise Problem(409, "trial-without-model", f"trial {number} logged no model to MLflow")
     return record
 
@@ -89,7 +89,7 @@ def list_trials(
 ) -> Response:
     records = snapshot.records
     if state is not None:
-        records = [record for record in records if record["state"] == state]
+        records = [record for record in records if record.state == state]
     return paged_json(request, paginate(records, params, safe=True).model_dump())
 
 
@@ -103,9 +103,9 @@ def get_trial(
     request: Request, number: int, snapshot: StudySnapshot = Depends(study_snapshot)
 ) -> Response:
     record = _record(snapshot, number)
-    stored = StoredRecord.read(snapshot.trials[number])
+    stored = TrialAttributes.read(snapshot.trials[number])
     detail = {
-        **record,
+        **record.model_dump(),
         "epochs": stored.epochs,
         "attack_pairs": [list(pair) for pair in stored.attack.pairs] if stored.attack else [],
         "certificate_mode": stored.certificate_mode,
@@ -130,7 +130,7 @@ def register(
     record = _completed_with_model(snapshot, number)
     try:
         uri = register_model(
-            resources.tracking_uri, record["model_uri"], request.name, request.aliases
+            resources.tracking_uri, record.model_uri, request.name, request.aliases
         )
     except MlflowException as error:
         raise invalid_input([field_error("body.name", error.message)]) from None
@@ -155,13 +155,13 @@ def attack(
     Optuna refuses writes to a finished trial."""
     record = _completed_with_model(snapshot, number)
     trial = snapshot.trials[number]
-    mode = StoredRecord.read(trial, "certificate_mode").certificate_mode
+    mode = TrialAttributes.read(trial, "certificate_mode").certificate_mode
     if mode is None:
         raise Problem(409, "trial-without-model", f"trial {number} recorded no certificate mode")
     spec = snapshot.spec.trial_spec(dict(trial.params), seed=snapshot.spec.trial_seed(number))
     try:
         with using_tracking_uri(resources.tracking_uri):
-            model = mlflow.pytorch.load_model(record["model_uri"], map_location="cpu")
+            model = mlflow.pytorch.load_model(record.model_uri, map_location="cpu")
     except (MlflowException, OSError) as error:
         raise Problem(
             502, "artifact-unavailable", f"MLflow could not give the trial's model: {error}"
@@ -174,9 +174,7 @@ def attack(
     )
     body = {**summary.summary(), "pairs": [list(pair) for pair in summary.pairs]}
     try:
-        MlflowClient(resources.tracking_uri).log_dict(
-            record["mlflow_run_id"], body, ATTACK_ARTIFACT
-        )
+        MlflowClient(resources.tracking_uri).log_dict(record.mlflow_run_id, body, ATTACK_ARTIFACT)
     except MlflowException as error:
         raise Problem(
             502, "artifact-unavailable", f"MLflow could not store the attack check: {error}"
@@ -203,13 +201,13 @@ def download_model(
     try:
         if format == "onnx":
             path = mlflow.artifacts.download_artifacts(
-                run_id=record["mlflow_run_id"],
+                run_id=record.mlflow_run_id,
                 artifact_path=ONNX_ARTIFACT,
                 dst_path=str(folder),
                 tracking_uri=resources.tracking_uri,
             )
         else:
-            model_id = record["model_uri"].removeprefix("models:/")
+            model_id = record.model_uri.removeprefix("models:/")
             location = MlflowClient(resources.tracking_uri).get_logged_model(model_id)
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{location.artifact_location}/{PT_FILE}",

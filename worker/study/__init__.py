@@ -8,7 +8,7 @@ from worker.study._engine import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     open_storage,
 )
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._store import SchemaMissing, StudyStore
 from worker.study._studies import (
     SPEC_ATTR,
@@ -37,7 +37,7 @@ __all__ = [
     "StaleClaim",
     "StudyStatus",
     "StudyStore",
-    "TrialRecord",
+    "TrialAttributes",
     "cancel_study",
     "create_study",
     "experiment_name",

@@ -1,8 +1,8 @@
 """The typed record of one trial, and its one serialisation to Optuna trial user attributes.
 
 The worker writes a trial's record as it runs (who runs it, each epoch, then the outcome); the
-service reads it back from the frozen trial. Both go through :meth:`TrialRecord.write` and
-:meth:`TrialRecord.read`: the attribute keys (``liptune.<field name>``) exist only here.
+service reads it back from the frozen trial. Both go through :meth:`TrialAttributes.write` and
+:meth:`TrialAttributes.read`: the attribute keys (``liptune.<field name>``) exist only here.
 
 Stored form: one user attribute per field that differs from its default, its value JSON-ready
 (the radii as :meth:`worker.trial._certificates.RadiiSummary.encode`'s string, the attack summary
@@ -27,7 +27,7 @@ class _AttrWriter(Protocol):
 
 
 @dataclass
-class TrialRecord:
+class TrialAttributes:
     """What liptune knows about one trial beyond Optuna's params, values and state.
 
     - ``worker``: id of the worker that ran it;
@@ -78,7 +78,7 @@ class TrialRecord:
             trial.set_user_attr(attr, value)
 
     @classmethod
-    def read(cls, trial: Any, *names: str) -> TrialRecord:
+    def read(cls, trial: Any, *names: str) -> TrialAttributes:
         """The record stored on ``trial`` (a :class:`optuna.trial.FrozenTrial`, a live trial, or
         its ``user_attrs`` mapping): the fields ``names`` (default: all; e.g. leave out
         ``radii``, the costly one to decode); absent fields keep their defaults."""
@@ -96,22 +96,22 @@ class TrialRecord:
         return value != default if not isinstance(value, RadiiSummary) else True
 
 
-_FIELDS = [f.name for f in dataclasses.fields(TrialRecord)]
+_FIELDS = [f.name for f in dataclasses.fields(TrialAttributes)]
 _DEFAULTS = {
     f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    for f in dataclasses.fields(TrialRecord)
+    for f in dataclasses.fields(TrialAttributes)
 }
 
 
 def key(name: str) -> str:
-    """The user attribute that stores the field ``name`` of :class:`TrialRecord`."""
+    """The user attribute that stores the field ``name`` of :class:`TrialAttributes`."""
     return PREFIX + name
 
 
 def _field_names(names: tuple[str, ...]) -> list[str]:
     unknown = [name for name in names if name not in _DEFAULTS]
     if unknown:
-        raise ValueError(f"TrialRecord has no field {unknown}; fields: {_FIELDS}")
+        raise ValueError(f"TrialAttributes has no field {unknown}; fields: {_FIELDS}")
     return list(names)
 
 

@@ -45,7 +45,7 @@ from worker.study._engine import (
     open_storage,
     transaction_engine,
 )
-from worker.study._record import TrialRecord
+from worker.study._record import TrialAttributes
 from worker.study._studies import (
     ID_ATTR,
     STATUS_ATTR,
@@ -220,8 +220,8 @@ class StudyStore:
         return self.storage.get_trial(trial_id)
 
     @retried
-    def write_record(self, trial_id: int, record: TrialRecord, *names: str) -> None:
-        """Store fields of ``record`` (see :meth:`TrialRecord.write`) on the trial ``trial_id``."""
+    def write_record(self, trial_id: int, record: TrialAttributes, *names: str) -> None:
+        """Store fields of ``record`` (:meth:`TrialAttributes.write`) on the trial ``trial_id``."""
         for key, value in record.user_attrs(*names).items():
             self.storage.set_trial_user_attr(trial_id, key, value)
 
@@ -276,7 +276,7 @@ class StudyStore:
         return True
 
     @retried
-    def prune(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
+    def prune(self, study: optuna.Study, trial: optuna.Trial, record: TrialAttributes) -> bool:
         """Store ``record``'s set fields (its epochs, ``pruned_at_epoch``) and end ``trial`` as
         PRUNED (Optuna 5 takes no values for a pruned trial: they live in the record);
         ``False`` when it was already finished."""
@@ -288,18 +288,18 @@ class StudyStore:
         whatever its state: what a pruner ranks a rung against. Optuna's cached storage reads
         only the trials not yet finished again."""
         return [
-            (trial.number, TrialRecord.read(trial).epochs)
+            (trial.number, TrialAttributes.read(trial).epochs)
             for trial in study.get_trials(deepcopy=False)
         ]
 
     @retried
-    def fail(self, study: optuna.Study, trial: optuna.Trial, record: TrialRecord) -> bool:
+    def fail(self, study: optuna.Study, trial: optuna.Trial, record: TrialAttributes) -> bool:
         """Store ``record``'s set fields (the failure reason) and end ``trial`` as FAIL;
         ``False`` when it was already finished."""
         return _end(study, trial, record, TrialState.FAIL)
 
     @retried
-    def fail_trial_id(self, trial_id: int, record: TrialRecord) -> bool:
+    def fail_trial_id(self, trial_id: int, record: TrialAttributes) -> bool:
         """Fail another worker's RUNNING trial by id, storing ``record``'s set fields first;
         ``False`` when it is not running any more."""
         if self.storage.get_trial(trial_id).state != TrialState.RUNNING:
@@ -360,7 +360,9 @@ def _as_datetime(value: datetime | str) -> datetime:
     return moment.replace(tzinfo=None)
 
 
-def _end(study: optuna.Study, trial: optuna.Trial, record: TrialRecord, state: TrialState) -> bool:
+def _end(
+    study: optuna.Study, trial: optuna.Trial, record: TrialAttributes, state: TrialState
+) -> bool:
     """Write ``record``'s set fields, then end ``trial`` in ``state`` (no values); ``False`` when
     it was already finished."""
     try:

@@ -13,7 +13,7 @@ direction per objective (in the order of ``spec.objectives``) and these study us
 
 Nothing is private to liptune: ``optuna.load_study(study_name="liptune-ID", storage=URL)`` and
 optuna-dashboard open the study, and the trials carry their metrics and MLflow run ids as user
-attributes (:class:`worker.study._record.TrialRecord`).
+attributes (:class:`worker.study._record.TrialAttributes`).
 """
 
 from __future__ import annotations
