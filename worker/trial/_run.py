@@ -190,7 +190,7 @@ def run_trial(
                 result.status, result.pruned_at_epoch = TrialOutcome.PRUNED, run.pruned_at_epoch
             else:
                 with full_precision():
-                    test = _finish(result, model, mode, splits, spec, run, torch_device)
+                    test = _finish(result, model, splits, spec, run, torch_device)
             if tracking is not None:
                 with _timed(timings, "tracking"):
                     _record(
@@ -243,7 +243,6 @@ def out_of_memory_reason(spec: TrialSpec, device: str, error: BaseException) -> 
 def _finish(
     result: TrialResult,
     model: nn.Module,
-    mode: CertificateMode,
     splits: DataSplits,
     spec: TrialSpec,
     run: TrainingRun,
@@ -251,6 +250,8 @@ def _finish(
 ) -> Predictions | None:
     """Export, bound and evaluate the trained model, filling ``result`` (or failing it); the
     test split's predictions."""
+    mode = result.certificate_mode
+    assert mode is not None, "run_trial records the certificate mode before finishing a trial"
     timings = result.timings
     with _timed(timings, "export"):
         exported = vanilla_export(model)
