@@ -18,6 +18,7 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from liptune.losses import binary_signs, multiclass_mask
 
 __all__ = [
+    "CertificateCheck",
     "certificate_check",
     "empirical_robust_accuracy",
     "l2_pgd_attack",
@@ -275,7 +277,17 @@ def _ddn(
     return best
 
 
-def certificate_check(radii: Tensor, distances: Tensor) -> dict[str, float | int | None]:
+class CertificateCheck(TypedDict):
+    """What :func:`certificate_check` finds (see there)."""
+
+    points: int
+    violations: int
+    tightness_median: float | None
+    tightness_p10: float | None
+    tightness_p90: float | None
+
+
+def certificate_check(radii: Tensor, distances: Tensor) -> CertificateCheck:
     """Compare certificates with the adversarial distances found for the same points.
 
     Args:
@@ -296,11 +308,15 @@ def certificate_check(radii: Tensor, distances: Tensor) -> dict[str, float | int
     radii, distances = radii.double().cpu(), distances.double().cpu()
     violations = int((distances < radii).sum().item())
     found = torch.isfinite(distances) & (distances > 0)
-    summary: dict[str, float | int | None] = {
+    tightness = radii[found] / distances[found]
+
+    def quantile(q: float) -> float | None:
+        return float(tightness.quantile(q)) if tightness.numel() else None
+
+    return {
         "points": int(radii.numel()),
         "violations": violations,
+        "tightness_median": quantile(0.5),
+        "tightness_p10": quantile(0.1),
+        "tightness_p90": quantile(0.9),
     }
-    tightness = radii[found] / distances[found]
-    for key, q in (("tightness_median", 0.5), ("tightness_p10", 0.1), ("tightness_p90", 0.9)):
-        summary[key] = float(tightness.quantile(q)) if tightness.numel() else None
-    return summary

@@ -29,6 +29,7 @@ from liptune.nn.containers import CERTIFICATE_MODES
 __all__ = [
     "CERTIFICATE_MODES",
     "MARGIN_DIVISORS",
+    "CertificateMode",
     "certificate_mode",
     "certificates",
     "certified_robust_accuracy",

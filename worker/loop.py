@@ -56,7 +56,13 @@ from worker.study._claims import Claim, ClaimState
 from worker.study._engine import DEFAULT_GRACE_PERIOD_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from worker.study._record import TrialAttributes
 from worker.study._store import StudyStore
-from worker.study._studies import SPEC_ATTR, StudyStatus, experiment_name, load_spec
+from worker.study._studies import (
+    SPEC_ATTR,
+    FrozenStudy,
+    StudyStatus,
+    experiment_name,
+    load_spec,
+)
 from worker.tracking._mlflow import (
     TRIAL_NUMBER_TAG,
     TrackingConfig,
@@ -237,7 +243,7 @@ class Worker:
             return True
         return False
 
-    def _spec(self, study_name: str, frozen: optuna.study.FrozenStudy) -> StudySpec | None:
+    def _spec(self, study_name: str, frozen: FrozenStudy) -> StudySpec | None:
         """The study's spec, or ``None`` when this worker cannot read it: a spec naming a model
         or data-set plugin that is not installed here is left to the workers that have it
         (logged once per study)."""

@@ -139,7 +139,9 @@ class DatasetSpec(_Spec):
 
     @field_validator("classes")
     @classmethod
-    def _distinct_classes(cls, classes: list[int] | list[str] | None) -> list | None:
+    def _distinct_classes(
+        cls, classes: list[int] | list[str] | None
+    ) -> list[int] | list[str] | None:
         if classes is None:
             return None
         if len(classes) < 2:

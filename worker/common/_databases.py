@@ -39,6 +39,15 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def sqlite_file(url: str) -> str:
+    """The database file of the SQLite ``url``; ``ValueError`` for a URL that names none (an
+    in-memory database, which has no file to lock beside)."""
+    database = make_url(url).database
+    if not database:
+        raise ValueError(f"{url!r} names no SQLite database file")
+    return database
+
+
 def sqlite_schema_lock(path: str) -> FileLock:
     return FileLock(f"{path}.schema.lock", timeout=SQLITE_BUSY_TIMEOUT_S)
 
@@ -50,14 +59,13 @@ def schema_lock(url: str, key: int = SCHEMA_LOCK_KEY) -> Iterator[None]:
     An API and its workers often start together on a fresh database; without the lock two of
     them run Optuna's ``CREATE TYPE`` / ``CREATE TABLE`` at once and one fails with a
     duplicate-key error. On PostgreSQL the lock is a session-level advisory lock (released if
-    the process dies) on ``key``, on SQLite a lock file beside the database. Not re-entrant: do
-    not nest two locks on one key.
+    the process dies) on ``key``, on SQLite a lock file beside the database file (``ValueError``
+    for a SQLite URL that names none). Not re-entrant: do not nest two locks on one key.
     """
     url = resolve_url(url)
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
+    backend = make_url(url).get_backend_name()
     if backend == "sqlite":
-        with sqlite_schema_lock(parsed.database):
+        with sqlite_schema_lock(sqlite_file(url)):
             yield
         return
     if backend != "postgresql":

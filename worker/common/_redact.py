@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 #: ``scheme://user:password@`` anywhere in a text (the password ends at the last ``@`` before
@@ -42,7 +43,7 @@ def install_log_redaction() -> None:
     _installed = True
     make_record = logging.getLogRecordFactory()
 
-    def redacting_record(*args, **kwargs) -> logging.LogRecord:
+    def redacting_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
         try:
             message = record.getMessage()

@@ -163,6 +163,7 @@ class MOASHA:
         if epoch not in self.rungs:
             return False
         own = self.result(trial, epochs, epoch)
+        assert own is not None, "the trial's last record is at the rung ``epoch``"
         results = [own]
         for number, records in others:
             if number == trial:

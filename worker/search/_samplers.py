@@ -319,7 +319,7 @@ def guideline_points(
     curves: list[list[dict[str, Any]]] = []
     for family in sorted(space.families, key=lambda name: len(FAMILY_PARAMS[name]) != 1):
         params = FAMILY_PARAMS[family]
-        base = {"loss": family}
+        base: dict[str, Any] = {"loss": family}
         if "temperature" in params:
             base["temperature"] = _middle(space.temperature, "temperature")
         if family == "tau_ce":

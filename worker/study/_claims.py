@@ -182,7 +182,7 @@ def counts(engine: Engine, study_name: str) -> ClaimCounts:
             .where(claims.c.study_name == study_name)
             .group_by(claims.c.state)
         ).all()
-    return ClaimCounts(**dict(rows))  # type: ignore[arg-type]
+    return ClaimCounts(**dict(rows))
 
 
 def _database_now(connection: sa.Connection) -> datetime.datetime:

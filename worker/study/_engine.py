@@ -32,6 +32,7 @@ from worker.common._databases import (
     is_sqlite,
     resolve_url,
     schema_lock,
+    sqlite_file,
     sqlite_schema_lock,
 )
 
@@ -61,7 +62,7 @@ def _enable_wal(url: str) -> None:
     schema lock, a file already in WAL mode is only read, and a switch that still meets the
     lock (a writer outside liptune's lock) is tried again until :data:`SQLITE_BUSY_TIMEOUT_S`.
     """
-    path = make_url(url).database
+    path = sqlite_file(url)
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
     with sqlite_schema_lock(path):
         while True:

@@ -50,6 +50,7 @@ from worker.study._studies import (
     ID_ATTR,
     STATUS_ATTR,
     STUDY_PREFIX,
+    FrozenStudy,
     StudyStatus,
     optuna_study_name,
     running_studies,
@@ -104,7 +105,7 @@ class StudyStore:
         return optuna.load_study(study_name=study_name, storage=self.storage, sampler=sampler)
 
     @retried
-    def running_studies(self) -> list[tuple[str, Any]]:
+    def running_studies(self) -> list[tuple[str, FrozenStudy]]:
         """``(study_id, frozen study)`` of every running liptune study, oldest first."""
         return running_studies(self.storage)
 
@@ -351,7 +352,10 @@ class StudyStore:
                 .where(TrialModel.study_id.in_(ids))
                 .group_by(TrialModel.study_id, TrialModel.state)
             ).all()
-        return [(study_id, state.name, count) for study_id, state, count in rows]
+        # The WHERE clause matches only trials of the given studies: study_id is never NULL.
+        return [
+            (study_id, state.name, count) for study_id, state, count in rows if study_id is not None
+        ]
 
 
 def _as_datetime(value: datetime | str) -> datetime:

@@ -514,7 +514,7 @@ class _CertifiedPyTorch:
     __name__ = "mlflow.pytorch"
 
     @staticmethod
-    def save_model(path: str, mlflow_model: Model, certificate: Certificate, **kwargs) -> None:
+    def save_model(path: str, mlflow_model: Model, certificate: Certificate, **kwargs: Any) -> None:
         mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
         pyfunc = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
         certificate.save(Path(path) / pyfunc[mlflow.pyfunc.DATA])

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from liptune import certify
 from liptune.attacks import empirical_robust_accuracy
+from liptune.certify import CertificateMode
 from worker.spec import PGDSpec, metric_key
 from worker.trial._certificates import RadiiSummary
 
@@ -47,7 +48,7 @@ def predict(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    mode: str,
+    mode: CertificateMode,
     batch_size: int = EVAL_BATCH_SIZE,
     lipschitz: float = 1.0,
 ) -> Predictions:
@@ -80,7 +81,9 @@ def mean_certified_radius(predictions: Predictions) -> float:
     return radii[correct].double().mean().item() if correct.any() else 0.0
 
 
-def robustness_metrics(predictions: Predictions, y: Tensor, mode: str) -> dict[str, float]:
+def robustness_metrics(
+    predictions: Predictions, y: Tensor, mode: CertificateMode
+) -> dict[str, float]:
     """``mean_certified_radius``, ``provable_avg_robustness`` and
     ``mean_certifiable_robustness`` (see the module docstring)."""
     logits = predictions.logits

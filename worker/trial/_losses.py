@@ -189,21 +189,25 @@ def build_loss(spec: LossSpec, task: Task) -> nn.Module:
     margin, alpha_kr, temperature = (spec.value(p) for p in ("margin", "alpha_kr", "temperature"))
     binary = task == "binary"
     if spec.family == "hkr":
-        kind = losses.HKRLoss if binary else losses.MulticlassHKRLoss
-        return kind(alpha_kr=alpha_kr, margin=margin)
+        if binary:
+            return losses.HKRLoss(alpha_kr=alpha_kr, margin=margin)
+        return losses.MulticlassHKRLoss(alpha_kr=alpha_kr, margin=margin)
     if spec.family == "soft_hkr":
         return losses.MulticlassSoftHKRLoss(
             alpha_kr=alpha_kr, margin=margin, temperature=temperature
         )
     if spec.family == "tau_ce":
-        kind = losses.TauBCEWithLogitsLoss if binary else losses.TauCrossEntropyLoss
-        return kind(temperature=temperature)
+        if binary:
+            return losses.TauBCEWithLogitsLoss(temperature=temperature)
+        return losses.TauCrossEntropyLoss(temperature=temperature)
     if spec.family == "offset_ce":
-        kind = losses.OffsetBCEWithLogitsLoss if binary else losses.OffsetCrossEntropyLoss
-        return kind(margin=margin, temperature=temperature)
+        if binary:
+            return losses.OffsetBCEWithLogitsLoss(margin=margin, temperature=temperature)
+        return losses.OffsetCrossEntropyLoss(margin=margin, temperature=temperature)
     if spec.family == "hinge":
-        kind = losses.HingeMarginLoss if binary else losses.MulticlassHingeLoss
-        return kind(margin=margin)
+        if binary:
+            return losses.HingeMarginLoss(margin=margin)
+        return losses.MulticlassHingeLoss(margin=margin)
     if spec.family == "kr":
         return losses.KRLoss() if binary else losses.MulticlassKRLoss()
     return losses.CosineSimilarityLoss()

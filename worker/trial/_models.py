@@ -36,12 +36,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from torch import nn
 
+from liptune.certify import CertificateMode
+from liptune.certify import certificate_mode as declared_certificate_mode
 from liptune.nn import (
     AOLConv2d,
     BCOPConv2d,
@@ -63,6 +65,9 @@ from liptune.nn import (
 from liptune.nn.containers import CERTIFICATE_MODES
 from worker.common._plugins import EntryPoints
 from worker.spec import ConvNetSpec, MLPSpec, ModelSpec, PluginModelSpec, ResNetSpec
+
+#: The zoo's specs: the ones that carry activation, head and layer options (a plugin's do not).
+ZooModelSpec = MLPSpec | ConvNetSpec | ResNetSpec
 
 #: The entry-point group of model plugins.
 ENTRY_POINT_GROUP = "liptune.models"
@@ -227,7 +232,7 @@ def model_info(name: str) -> ModelInfo:
 class _Activations:
     """Builds the spec's activation and tracks what it does to the channel count."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ZooModelSpec) -> None:
         self.spec = spec
         self.divisor = {"groupsort2": 2, "groupsort": spec.group_size, "householder": 2}.get(
             spec.activation, 1
@@ -252,7 +257,12 @@ class _Activations:
         return activation, 2 * channels if self.spec.activation == "maxmin" else channels
 
 
-def _linear_options(spec: ModelSpec) -> dict[str, int]:
+class _LinearOptions(TypedDict):
+    power_iterations: int
+    bjorck_iterations: int
+
+
+def _linear_options(spec: ZooModelSpec) -> _LinearOptions:
     return {
         "power_iterations": spec.power_iterations,
         "bjorck_iterations": spec.bjorck_iterations,
@@ -260,7 +270,7 @@ def _linear_options(spec: ModelSpec) -> dict[str, int]:
 
 
 def _dense_layers(
-    spec: ModelSpec, in_features: int, widths: Sequence[int], field: str
+    spec: ZooModelSpec, in_features: int, widths: Sequence[int], field: str
 ) -> tuple[list[nn.Module], int]:
     activation = _Activations(spec)
     layers: list[nn.Module] = []
@@ -271,7 +281,7 @@ def _dense_layers(
     return layers, in_features
 
 
-def _head(spec: ModelSpec, in_features: int, num_classes: int) -> nn.Module:
+def _head(spec: ZooModelSpec, in_features: int, num_classes: int) -> nn.Module:
     if num_classes == 2:
         return FrobeniusLinear(in_features, 1)
     if spec.head == "classwise":
@@ -299,7 +309,9 @@ def _image_shape(spec: ModelSpec, input_shape: Sequence[int]) -> tuple[int, int,
     return channels, height, width
 
 
-def _pool(kind: str, channels: int, height: int, width: int, stage: int):
+def _pool(
+    kind: str, channels: int, height: int, width: int, stage: int
+) -> tuple[nn.Module, int, int, int]:
     """(pooling layer, channels, height, width) after a stage; halves H and W."""
     if height < 2 or width < 2:
         raise ValueError(
@@ -378,9 +390,6 @@ def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> l
     return [*layers, *dense, _head(spec, features, num_classes)]
 
 
-_BUILDERS = {"mlp": _mlp, "convnet": _convnet, "resnet": _resnet}
-
-
 def num_outputs(num_classes: int) -> int:
     """Outputs of a classifier of ``num_classes``: one for a binary task."""
     return 1 if num_classes == 2 else num_classes
@@ -398,7 +407,7 @@ def _plugin_network(
             f"model {spec.name!r} ({info.source}) returned {type(network).__name__}, not a "
             "torch.nn.Module"
         )
-    mode = getattr(network, "certificate_mode", None)
+    mode: object = getattr(network, "certificate_mode", None)
     if mode is None:
         mode = "binary" if outputs == 1 else "global"
     if mode not in CERTIFICATE_MODES or (mode == "binary") != (outputs == 1):
@@ -406,7 +415,9 @@ def _plugin_network(
             f"model {spec.name!r}: certificate_mode {mode!r} does not fit {outputs} output(s) "
             "(binary needs one output; global and classwise one per class)"
         )
-    network.certificate_mode = mode
+    # nn.Module.__setattr__ is annotated for tensors and modules only; any other value (this
+    # str) is stored as a plain attribute, which is what liptune.certify.certificate_mode reads.
+    network.certificate_mode = mode  # type: ignore[assignment]
     return network
 
 
@@ -423,12 +434,19 @@ def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     if isinstance(spec, PluginModelSpec):
         return _plugin_network(spec, input_shape, num_classes)
-    layers = _BUILDERS[spec.name](spec, input_shape, num_classes)
+    if isinstance(spec, MLPSpec):
+        layers = _mlp(spec, input_shape, num_classes)
+    elif isinstance(spec, ConvNetSpec):
+        layers = _convnet(spec, input_shape, num_classes)
+    else:
+        layers = _resnet(spec, input_shape, num_classes)
     mode = "binary" if num_classes == 2 else spec.head
     return LipschitzSequential(*layers, certificate_mode=mode)
 
 
-def certificate_mode(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> str:
+def certificate_mode(
+    spec: ModelSpec, input_shape: Sequence[int], num_classes: int
+) -> CertificateMode:
     """The certificate mode the network of ``spec`` will have (a plugin's is read from its
     network, built on the ``meta`` device)."""
     if num_classes == 2:
@@ -436,7 +454,7 @@ def certificate_mode(spec: ModelSpec, input_shape: Sequence[int], num_classes: i
     if not isinstance(spec, PluginModelSpec):
         return spec.head
     with torch.device("meta"):
-        return build_model(spec, input_shape, num_classes).certificate_mode
+        return declared_certificate_mode(build_model(spec, input_shape, num_classes))
 
 
 def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -> None:

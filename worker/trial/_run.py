@@ -39,12 +39,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from liptune.attacks import certificate_check, minimal_l2_attack
 from liptune.bounds import head_constants
+from liptune.certify import CertificateMode, certificate_mode
 from liptune.export import export_onnx, vanilla_export
 from liptune.serving import Certificate
 from worker.common._paths import default_data_roots, liptune_home
@@ -105,7 +107,7 @@ class TrialResult:
     metrics: dict[str, float] = field(default_factory=dict)
     epochs: list[dict[str, float]] = field(default_factory=list)
     radii: RadiiSummary | None = None
-    certificate_mode: str | None = None
+    certificate_mode: CertificateMode | None = None
     attack: AttackSummary | None = None
     failure_reason: str | None = None
     run_id: str | None = None
@@ -122,8 +124,8 @@ def run_trial(
     experiment: str | None = None,
     tags: dict[str, str] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
-    should_prune: Callable[[dict], bool] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    should_prune: Callable[[dict[str, float]], bool] | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
     data_roots: list[Path] | None = None,
     device: str | None = None,
@@ -158,7 +160,7 @@ def run_trial(
                 model = build_model(spec.model, splits.input_shape, splits.num_classes)
             loss_fn = build_loss(spec.loss, splits.task)
             model.to(torch_device)
-            mode = model.certificate_mode
+            mode = certificate_mode(model)
             with _timed(timings, "training"):
                 run = train(
                     model,
@@ -248,25 +250,25 @@ def _finish(
 ) -> Predictions | None:
     """Export, bound and evaluate the trained model, filling ``result`` (or failing it); the
     test split's predictions."""
+    mode = result.certificate_mode
+    assert mode is not None, "run_trial records the certificate mode before finishing a trial"
     timings = result.timings
     with _timed(timings, "export"):
         exported = vanilla_export(model)
     with _timed(timings, "lipschitz_bound"):
-        bound, estimate = head_constants(exported, splits.input_shape, result.certificate_mode)
+        bound, estimate = head_constants(exported, splits.input_shape, mode)
     if not bound <= 1.0 + LIPSCHITZ_TOLERANCE:
         result.status = TrialOutcome.FAILED
         result.failure_reason = (
-            f"the guaranteed Lipschitz bound of the exported model's {result.certificate_mode} "
+            f"the guaranteed Lipschitz bound of the exported model's {mode} "
             f"head is {bound:.6f} > 1 + {LIPSCHITZ_TOLERANCE:g}: its layers' constraints did not "
             "hold"
         )
         return None
     with _timed(timings, "evaluation"):
-        test = predict(
-            exported, splits.test.x, splits.test.y, result.certificate_mode, lipschitz=bound
-        )
+        test = predict(exported, splits.test.x, splits.test.y, mode, lipschitz=bound)
         metrics = accuracy_metrics(test, spec.eps)
-        metrics.update(robustness_metrics(test, splits.test.y, result.certificate_mode))
+        metrics.update(robustness_metrics(test, splits.test.y, mode))
     with _timed(timings, "attack"):
         result.attack = _attack_certificates(exported, splits, test, spec.seed)
     if result.attack.violations:
@@ -309,9 +311,12 @@ def attack_check(
     roots = data_roots if data_roots is not None else default_data_roots(liptune_home())
     splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
     model = model.cpu().eval()
+    # A stored record's string: head_constants and predict_with_certificates raise ValueError
+    # for anything but a certificate mode before it is used as one.
+    mode = cast(CertificateMode, certificate_mode)
     with full_precision():
-        bound, _ = head_constants(model, splits.input_shape, certificate_mode)
-        test = predict(model, splits.test.x, splits.test.y, certificate_mode, lipschitz=bound)
+        bound, _ = head_constants(model, splits.input_shape, mode)
+        test = predict(model, splits.test.x, splits.test.y, mode, lipschitz=bound)
         return _attack_certificates(model, splits, test, spec.seed)
 
 
@@ -396,13 +401,16 @@ def _write_run(
         tracking.log_metrics(config, run_id, {}, epochs=run.epochs, end_times=run.end_times)
         tracking.end_run(config, run_id, "KILLED")
         return
+    # A trial with test predictions went through _finish, which exported its model.
+    assert result.model is not None and result.certificate_mode is not None, (
+        "a finished trial has an exported model and a certificate mode"
+    )
+    model = result.model
     # The model first: metrics logged after it are linked to it without MLflow re-reading them.
     certificate = Certificate(
         result.certificate_mode, result.metrics["lipschitz_bound"], splits.input_shape
     )
-    result.model_uri = tracking.log_model(
-        config, run_id, result.model, splits.test.x[:2], certificate
-    )
+    result.model_uri = tracking.log_model(config, run_id, model, splits.test.x[:2], certificate)
     tracking.log_metrics(
         config,
         run_id,
@@ -413,7 +421,7 @@ def _write_run(
     )
     with tempfile.TemporaryDirectory() as folder, _timed(result.timings, "onnx"), _quiet_onnx():
         onnx_path = export_onnx(
-            result.model,
+            model,
             Path(folder) / tracking.ONNX_ARTIFACT,
             splits.input_shape,
             lipschitz=certificate.lipschitz,

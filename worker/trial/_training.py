@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from liptune.certify import predict_with_certificates
+from liptune.certify import CertificateMode, predict_with_certificates
 from worker.spec import Precision, TrainingSpec, metric_key
 from worker.trial._augment import Augment, build_augmentation
 from worker.trial._evaluation import EVAL_BATCH_SIZE
@@ -91,7 +91,9 @@ def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimize
 def _fp32_precision(value: str) -> Iterator[None]:
     """Set CUDA's float32 matmul and cuDNN convolution precision (``"ieee"`` or ``"tf32"``)
     for the block, then restore them."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    # torch.backends.cudnn is replaced by a CudnnModule at import, whose `conv` precision the
+    # module's own annotations (what mypy reads) do not declare.
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # type: ignore[attr-defined]
     previous = matmul.fp32_precision, conv.fp32_precision
     matmul.fp32_precision = conv.fp32_precision = value
     try:
@@ -106,7 +108,9 @@ def full_precision() -> contextlib.AbstractContextManager[None]:
     return _fp32_precision("ieee")
 
 
-def _autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(
+    precision: Precision, device: torch.device
+) -> contextlib.AbstractContextManager[object]:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -209,7 +213,7 @@ def train(
     spec: TrainingSpec,
     *,
     eps: Sequence[float],
-    mode: str,
+    mode: CertificateMode,
     device: torch.device,
     seed: int,
     should_stop: Callable[[], bool] | None = None,
@@ -278,7 +282,7 @@ def train(
 
 
 def validation_metrics(
-    model: nn.Module, val: Split, eps: Sequence[float], mode: str
+    model: nn.Module, val: Split, eps: Sequence[float], mode: CertificateMode
 ) -> dict[str, float]:
     """``val_accuracy``, ``val_certified_accuracy_eps_{e}`` for each e and
     ``val_mean_certified_radius`` (0 when no point is correct) of ``model`` on ``val`` (both on

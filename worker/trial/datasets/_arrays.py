@@ -27,6 +27,8 @@ from worker.trial.datasets._errors import DatasetError
 
 Layout = Literal["nhwc", "nchw"]
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+#: ``(x_train, y_train, x_test, y_test)``.
+TrainTestArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _CHANNELS = (1, 3, 4)
 
 
@@ -212,7 +214,9 @@ def check_arrays(
     )
 
 
-def _member_header(archive: zipfile.ZipFile, key: str, source: str) -> tuple[tuple, np.dtype]:
+def _member_header(
+    archive: zipfile.ZipFile, key: str, source: str
+) -> tuple[tuple[int, ...], np.dtype]:
     try:
         with archive.open(f"{key}.npy") as stream:
             version = np.lib.format.read_magic(stream)
@@ -271,7 +275,7 @@ def inspect_npz(path: Path, layout: Layout | None = None) -> ArraysLayout:
     )
 
 
-def read_npz(path: Path, layout: ArraysLayout) -> tuple[np.ndarray, ...]:
+def read_npz(path: Path, layout: ArraysLayout) -> TrainTestArrays:
     """``(x_train, y_train, x_test, y_test)``: images (N, C, H, W) or (N, D) as stored
     (divide by ``layout.scale``), labels int64."""
     try:
@@ -282,7 +286,7 @@ def read_npz(path: Path, layout: ArraysLayout) -> tuple[np.ndarray, ...]:
     return to_model_arrays(arrays, layout)
 
 
-def to_model_arrays(arrays: Sequence[np.ndarray], layout: ArraysLayout) -> tuple[np.ndarray, ...]:
+def to_model_arrays(arrays: Sequence[np.ndarray], layout: ArraysLayout) -> TrainTestArrays:
     """Checked arrays in the model's layout (uint8 kept compact), labels as int64."""
     x_train, y_train, x_test, y_test = arrays
     return (

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,8 +29,11 @@ from worker.trial.datasets._registry import DatasetInfo, Kind, dataset_info
 
 _CACHE_SIZE = 32
 _lock = threading.Lock()
-_Inspected = tuple[FolderLayout | ArraysLayout, Path | None, tuple]
-_cache: OrderedDict[tuple, _Inspected] = OrderedDict()
+#: What identifies a data set's files as inspected (kind, paths, sizes, times, options): the
+#: inspection cache's key and the decode cache's.
+SourceKey = tuple[Hashable, ...]
+_Inspected = tuple[FolderLayout | ArraysLayout, Path | None, SourceKey]
+_cache: OrderedDict[SourceKey, _Inspected] = OrderedDict()
 _data_roots: list[Path] | None = None
 
 
@@ -68,7 +71,7 @@ class DatasetDescription:
     cache_bytes: int
     layout: FolderLayout | ArraysLayout | None = None
     path: Path | None = None
-    source_key: tuple = ()
+    source_key: SourceKey = ()
 
     @property
     def num_classes(self) -> int:
@@ -91,7 +94,8 @@ def class_indices(
     :class:`DatasetError` names those the data set does not have."""
     if not classes:
         return None
-    indices, unknown = [], []
+    indices: list[int] = []
+    unknown: list[int | str] = []
     for item in classes:
         if isinstance(item, str):
             if item in class_names:
@@ -113,7 +117,7 @@ def class_indices(
     return tuple(indices)
 
 
-def _remember(key: tuple, value: _Inspected) -> None:
+def _remember(key: SourceKey, value: _Inspected) -> None:
     with _lock:
         _cache[key] = value
         _cache.move_to_end(key)
@@ -121,7 +125,7 @@ def _remember(key: tuple, value: _Inspected) -> None:
             _cache.popitem(last=False)
 
 
-def _cached(key: tuple) -> _Inspected | None:
+def _cached(key: SourceKey) -> _Inspected | None:
     with _lock:
         value = _cache.get(key)
         if value is not None:
@@ -129,7 +133,7 @@ def _cached(key: tuple) -> _Inspected | None:
         return value
 
 
-def _folder_stamp(directory: Path, depth: int = 3) -> tuple:
+def _folder_stamp(directory: Path, depth: int = 3) -> tuple[tuple[str, int], ...]:
     """Modification times of the folder and its sub-folders (``depth`` levels): adding,
     removing or renaming an image changes its folder's time."""
     stamps = [(str(directory), directory.stat().st_mtime_ns)]
@@ -142,7 +146,7 @@ def _folder_stamp(directory: Path, depth: int = 3) -> tuple:
 
 def _inspect(info: DatasetInfo, spec: DatasetSpec, roots: Sequence[Path]) -> _Inspected:
     if info.kind == "plugin":
-        key: tuple = ("plugin", info.name, spec.layout)
+        key: SourceKey = ("plugin", info.name, spec.layout)
         found = _cached(key)
         if found is None:
             assert info.loader is not None

@@ -200,8 +200,8 @@ def inspect_folder(
 
 def _decode(item: ImageFile, channels: int, height: int, width: int) -> np.ndarray:
     try:
-        with Image.open(item.path) as image:
-            image = image.convert("RGB" if channels == 3 else "L")
+        with Image.open(item.path) as opened:
+            image = opened.convert("RGB" if channels == 3 else "L")
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from worker.spec import DatasetSpec
 from worker.trial.datasets import _synthetic as synthetic
 from worker.trial.datasets._arrays import ArraysLayout, read_npz, to_model_arrays
 from worker.trial.datasets._cifar import read_cifar_dataset
-from worker.trial.datasets._describe import DatasetDescription, describe_dataset
+from worker.trial.datasets._describe import DatasetDescription, SourceKey, describe_dataset
 from worker.trial.datasets._errors import DatasetError
 from worker.trial.datasets._folder import FolderLayout, read_folder
 from worker.trial.datasets._idx import read_idx_dataset
@@ -67,8 +68,10 @@ class _Raw:
 
 
 _lock = threading.Lock()
-_raw_cache: OrderedDict[tuple, _Raw] = OrderedDict()
-_splits_cache: OrderedDict[tuple, DataSplits] = OrderedDict()
+_raw_cache: OrderedDict[SourceKey, _Raw] = OrderedDict()
+_splits_cache: OrderedDict[SourceKey, DataSplits] = OrderedDict()
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
 
 
 def load_dataset(spec: DatasetSpec, *, data_roots: Sequence[Path], seed: int) -> DataSplits:
@@ -81,7 +84,7 @@ def load_dataset(spec: DatasetSpec, *, data_roots: Sequence[Path], seed: int) ->
     info = dataset_info(spec.name)
     description = describe_dataset(spec, data_roots)
     if info.kind in ("folder", "npz", "plugin"):
-        raw_key: tuple = description.source_key
+        raw_key: SourceKey = description.source_key
     else:
         files = info.locate(data_roots, spec.path)
         raw_key = (
@@ -122,7 +125,7 @@ def clear_cache() -> None:
         _splits_cache.clear()
 
 
-def _remember(cache: OrderedDict, key: tuple, value: object, size: int) -> None:
+def _remember(cache: OrderedDict[_Key, _Value], key: _Key, value: _Value, size: int) -> None:
     cache[key] = value
     cache.move_to_end(key)
     while len(cache) > size:
@@ -180,7 +183,7 @@ def _make_splits(
     seed: int,
 ) -> DataSplits:
     x_pool, y_pool, x_test, y_test = raw.x_pool, raw.y_pool, raw.x_test, raw.y_test
-    if x_test is None:
+    if x_test is None or y_test is None:  # not split yet (_Raw sets both or neither)
         order = np.random.default_rng(DATA_SEED).permutation(len(y_pool))
         n_test = round(TEST_FRACTION * len(order))
         x_test, y_test = x_pool[order[:n_test]], y_pool[order[:n_test]]

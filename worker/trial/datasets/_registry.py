@@ -277,7 +277,9 @@ def _register(info: DatasetInfo) -> None:
     DATASETS[info.name] = info
 
 
-def plugin_info(name: str, loader: Callable[[], Mapping[str, np.ndarray]], source: str):
+def plugin_info(
+    name: str, loader: Callable[[], Mapping[str, np.ndarray]], source: str
+) -> DatasetInfo:
     """The registry entry of a plugin's loader: its docstring describes it; the shapes are read
     from its arrays when first described."""
     doc = (getattr(loader, "__doc__", None) or "").strip()

@@ -15,7 +15,9 @@ from sklearn.datasets import make_circles, make_moons
 SNOWFLAKE_DEPTH = 4
 
 
-def _to_unit_square(points: np.ndarray, center: tuple[float, float], half_width: float):
+def _to_unit_square(
+    points: np.ndarray, center: tuple[float, float], half_width: float
+) -> np.ndarray:
     scaled = (points - np.asarray(center)) / (2.0 * half_width) + 0.5
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
