@@ -99,9 +99,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d "$DATA/datasets/fashion-
 fi
 
 # ------------------------------------------------------------------ 1. core tests on the device
-CORE_TESTS=(tests/test_nn_layers.py tests/test_nn_properties.py tests/test_losses.py
-    tests/test_certify.py tests/test_export.py tests/test_conditioning.py)
-for file in tests/test_bound*.py tests/test_attack*.py tests/test_conv_*.py; do
+CORE_TESTS=(tests/core/test_nn_layers.py tests/core/test_nn_properties.py tests/core/test_losses.py
+    tests/core/test_certify.py tests/core/test_export.py tests/core/test_conditioning.py)
+for file in tests/core/test_bound*.py tests/core/test_attack*.py tests/core/test_conv_*.py \
+    tests/worker/test_bounds_study.py tests/worker/test_conv_zoo.py; do
     [ -e "$file" ] && CORE_TESTS+=("$file")
 done
 test_steps() {
@@ -110,8 +111,8 @@ test_steps() {
     # The training loop's CPU tests (no-sync counts on the meta device, divergence, bf16,
     # limits); DEVICE=cpu leaves them to the ordinary test run.
     [ "$DEVICE" != cpu ] && step training-tests .venv/bin/python -m pytest -q \
-        -p no:cacheprovider --junitxml="$OUT/training-tests.xml" tests/test_training.py \
-        tests/test_training_devices.py
+        -p no:cacheprovider --junitxml="$OUT/training-tests.xml" tests/worker/test_training.py \
+        tests/worker/test_training_devices.py
 }
 # TESTS_LAST=1 runs the test steps after the figures (a device lent for minutes reports the
 # measurements first).

@@ -10,7 +10,7 @@ orthogonal :math:`c \times c` matrix :math:`H` with ``kh - 1`` such blocks along
 frequency, i.e. an orthogonal convolution; the layer's kernel is its ``(out, in)`` corner with
 ``c = max(in, out)``.
 
-What that gives (checked by ``tests/test_conv_families.py`` on the dense matrices):
+What that gives (checked by ``tests/core/test_conv_families.py`` on the dense matrices):
 
 - circular padding with total padding ``k - 1`` per axis (``"same"`` or ``(k - 1) / 2``),
   stride 1: every singular value is exactly 1 (an isometry when ``out >= in``, a co-isometry

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.commands.worker import worker_command, worker_env
 from service.config import Settings
-from tests.test_serve_e2e import REPO_ROOT
+from tests.e2e.test_serve_e2e import REPO_ROOT
 
 SECRET = "s3cr3t-pw"
 
@@ -67,10 +67,10 @@ def test_no_response_nor_log_line_of_a_real_app_carries_a_store_password(
     import logging
 
     import numpy as np
-    from test_api_studies import DIGITS_SPEC
-    from test_pages import told_trial
-    from test_reliability_reads import OPEN, PAGES, PROTECTED, figure_name, url
 
+    from tests.service.test_api_studies import DIGITS_SPEC
+    from tests.service.test_pages import told_trial
+    from tests.service.test_reliability_reads import OPEN, PAGES, PROTECTED, figure_name, url
     from worker.study._studies import load_study
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from test_api_studies import DIGITS_SPEC
-from test_topology import BIN, Services, _healthy, child_env, free_port, wait_for
 
 from service.app import create_app
 from service.config import Settings
+from tests.e2e.test_topology import BIN, Services, _healthy, child_env, free_port, wait_for
+from tests.service.test_api_studies import DIGITS_SPEC
 from worker.study._studies import optuna_study_name
 from worker.tracking._mlflow import ABANDONED_REASON, FAILURE_TAG
 

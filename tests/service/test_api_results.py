@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
-from test_api_studies import DIGITS_SPEC, PROBLEM, make_client
 
 from service import results
 from service.schemas import TrialRecord
+from tests.service.test_api_studies import DIGITS_SPEC, PROBLEM, make_client
 from worker.trial._certificates import RadiiSummary
 
 CERT = "certified_accuracy_eps_0.3"

@@ -20,7 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.conftest import REPO_ROOT
-from tests.test_api_studies import DIGITS_SPEC, make_client, stored
+from tests.service.test_api_studies import DIGITS_SPEC, make_client, stored
 from worker.spec import StudySpec, TrialSpec
 from worker.trial._costs import estimate, study_cost
 from worker.trial._models import build_model

@@ -7,10 +7,10 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
-from test_pages import JSON, populate, submit
 
 from service.app import create_app
 from service.config import Settings
+from tests.service.test_pages import JSON, populate, submit
 
 
 @pytest.fixture(scope="module")

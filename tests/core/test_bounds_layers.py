@@ -8,7 +8,7 @@ from torch import nn
 
 from liptune.bounds import lipschitz_bound
 from liptune.nn import SpectralConv2d, SpectralLinear
-from tests.test_bounds import dense_norm
+from tests.core.test_bounds import dense_norm
 
 CONFIGS = [
     (k, s, p, mode, bjorck)

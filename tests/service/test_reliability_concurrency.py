@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 from fastapi.testclient import TestClient
 
-from tests.test_api_studies import DIGITS_SPEC, make_client, stored
+from tests.service.test_api_studies import DIGITS_SPEC, make_client, stored
 from worker.study._studies import load_spec, optuna_study_name
 
 EXTENDS = 20

@@ -21,10 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_api_studies import DIGITS_SPEC
+
+from tests.service.test_api_studies import DIGITS_SPEC
 
 pytestmark = pytest.mark.slow
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STUDY_TIMEOUT_S = 420
 
 

@@ -2,7 +2,7 @@
 
 Studies are submitted through ``POST /studies``; their trials are told straight to Optuna's
 storage with the user attributes a worker writes (metrics, epochs, radii), so no training runs.
-:func:`populate` is shared with ``tests/test_browser.py``.
+:func:`populate` is shared with ``tests/e2e/test_browser.py``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
-from test_api_studies import DIGITS_SPEC
 
 from service.app import create_app
 from service.config import Settings
 from service.routers.pages import prefers_html
+from tests.service.test_api_studies import DIGITS_SPEC
 from worker.study._studies import load_study
 from worker.trial._certificates import RadiiSummary
 

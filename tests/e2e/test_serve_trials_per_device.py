@@ -9,11 +9,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_reliability_serve import Server
-from test_serve_e2e import wait_until
 
 from service.commands.worker import worker_command
 from service.config import Settings
+from tests.e2e.test_reliability_serve import Server
+from tests.e2e.test_serve_e2e import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 SCHEMA_IN_CACHE = ROOT / ".cache/compose-spec/package/lib/compose-spec/schema/compose-spec.json"

@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
-from test_api_studies import DIGITS_SPEC
-from test_serve_e2e import REPO_ROOT, free_port, wait_until
+
+from tests.e2e.test_serve_e2e import REPO_ROOT, free_port, wait_until
+from tests.service.test_api_studies import DIGITS_SPEC
 
 pytestmark = pytest.mark.slow
 N_TRIALS = 2

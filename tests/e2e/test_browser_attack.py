@@ -1,15 +1,15 @@
 """The trial page's attack check in a real headless Chromium: the radius-against-distance plot
 with its diagonal, the summary table, and the warning of a broken certificate (the server,
-browser and page fixtures of ``tests/test_browser.py``)."""
+browser and page fixtures of ``tests/e2e/test_browser.py``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import optuna
 import pytest
-from test_browser import browser, open_page, page, screenshot, server  # noqa: F401
-from test_pages import told_trial
 
+from tests.e2e.test_browser import browser, open_page, page, screenshot, server  # noqa: F401
+from tests.service.test_pages import told_trial
 from worker.study._record import TrialAttributes
 from worker.study._studies import load_study
 from worker.trial._certificates import AttackSummary

@@ -2,7 +2,8 @@
 and stops, and exits at once exits cleanly (status 0), not in an abort of torch's C++ (134).
 
 The exit raced the cost model's warm-up thread, so each case runs in fresh interpreters a few
-times; one of them runs a test file alone under pytest, as ``pytest tests/test_conv_zoo.py`` did.
+times; one of them runs a test file alone under pytest, as ``pytest tests/worker/test_conv_zoo.py``
+did.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 
 APP = """

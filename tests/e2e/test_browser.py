@@ -19,17 +19,17 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from test_api_studies import DIGITS_SPEC
-from test_pages import JSON, failed_trial, populate
 
 from service.app import create_app
 from service.config import Settings
+from tests.service.test_api_studies import DIGITS_SPEC
+from tests.service.test_pages import JSON, failed_trial, populate
 from worker.study._studies import load_study
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 VIEWPORT = {"width": 1440, "height": 900}
 #: Chromium reports every non-2xx fetch as a console error; these tests provoke some on purpose.
 EXPECTED_HTTP_ERROR = "the server responded with a status of 422"

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import POSTGRES_SERVER_URL
-from tests.test_api_studies import DIGITS_SPEC, make_client
+from tests.service.test_api_studies import DIGITS_SPEC, make_client
 
 pytestmark = pytest.mark.postgres
 CLUSTER = ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main"]
@@ -119,7 +119,7 @@ def test_a_worker_rides_out_a_postgres_restart_mid_study(
 ):
     from optuna.trial import TrialState
 
-    from tests.test_workers import claim_rows, new_study, trials_in
+    from tests.worker.test_workers import claim_rows, new_study, trials_in
 
     n_trials = 3
     spec = tiny_study_spec(n_trials=n_trials, training={"epochs": 3, "batch_size": 64, "lr": 0.01})
@@ -182,7 +182,7 @@ def test_an_outage_at_the_ask_and_at_an_epoch_record_is_ridden_out(
     crashed the trial (FAIL)."""
     from optuna.trial import TrialState
 
-    from tests.test_workers import claim_rows, new_study, trials_in
+    from tests.worker.test_workers import claim_rows, new_study, trials_in
     from worker import loop as pool
     from worker.loop import Worker, WorkerOptions
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_api_studies import PROBLEM, changed, make_client, stored
 from torch import nn
 
 from liptune import nn as lnn
+from tests.service.test_api_studies import PROBLEM, changed, make_client, stored
 from worker.spec import TrialSpec
 from worker.trial import _models as models
 from worker.trial._run import run_trial

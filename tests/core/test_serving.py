@@ -33,7 +33,7 @@ from worker.trial._run import run_trial
 from worker.trial.datasets import load_dataset
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME, ALIAS = "served-digits", "prod"
 EPS = 0.1
 SPEC = {

@@ -239,7 +239,7 @@ def test_registered_model_serves_where_liptune_is_not_importable(tracked, tmp_pa
     x = load_dataset(spec().dataset, data_roots=[], seed=0).test.x[:8].numpy()
     x_path = tmp_path / "x.npy"
     np.save(x_path, x)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     script = SERVE_WITHOUT_LIPTUNE.format(
         repo=repo, uri=config.tracking_uri, model_uri=uri, x_path=str(x_path)
     )

@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tests.conftest import REPO_ROOT
-from tests.test_workers import new_study, trials_in
+from tests.worker.test_workers import new_study, trials_in
 from worker.loop import failure_budget
 
 #: The worker's address space: an idle worker maps about 1.1 GiB, a tiny trial adds little.

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_e2e import REPO_ROOT, running_serve, wait_until
+
+from tests.e2e.test_serve_e2e import REPO_ROOT, running_serve, wait_until
 
 pytestmark = pytest.mark.slow
 STUDY_TIMEOUT_S = 300

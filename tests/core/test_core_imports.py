@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "liptune"
+CORE = Path(__file__).resolve().parents[2] / "liptune"
 
 
 def _module_name(path: Path) -> str:

@@ -18,11 +18,11 @@ import numpy as np
 import optuna
 import pytest
 from fastapi.testclient import TestClient
-from test_api_studies import DIGITS_SPEC
-from test_pages import HTML, JSON, told_trial, with_role
 
 from service.app import create_app
 from service.config import Settings
+from tests.service.test_api_studies import DIGITS_SPEC
+from tests.service.test_pages import HTML, JSON, told_trial, with_role
 from worker.loop import Worker, WorkerOptions
 from worker.study._record import TrialAttributes
 from worker.study._studies import load_study

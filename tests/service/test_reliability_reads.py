@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_api_studies import DIGITS_SPEC
-from test_pages import populate
 
 from service.app import create_app
 from service.config import Settings, hash_api_key
+from tests.service.test_api_studies import DIGITS_SPEC
+from tests.service.test_pages import populate
 
 KEY = "reader-key"
 HTML = {"Accept": "text/html"}

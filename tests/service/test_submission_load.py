@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_api_studies import DIGITS_SPEC
-from test_serve_e2e import running_serve, wait_until
+
+from tests.e2e.test_serve_e2e import running_serve, wait_until
+from tests.service.test_api_studies import DIGITS_SPEC
 
 pytestmark = pytest.mark.slow
 #: Longer than SQLAlchemy's pool timeout (30 s), shorter than SQLite's busy timeout (120 s).
