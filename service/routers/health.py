@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -48,6 +48,22 @@ def _mlflow_answers(tracking_uri: str) -> None:
         MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
+def _probe(checks: dict[str, str], name: str, what: str, probe: Callable[[], None]) -> None:
+    """Run ``probe``; ``checks[name] = "ok"``, or 503 ``not-ready`` saying ``what`` is
+    unreachable (the error's type only: its message may quote a URL)."""
+    try:
+        probe()
+    except Exception as error:
+        logger.warning("/ready: %s is unreachable: %s", what, error)
+        raise Problem(
+            503,
+            "not-ready",
+            f"{what} is unreachable ({type(error).__name__})",
+            headers={"Retry-After": "5"},
+        ) from None
+    checks[name] = "ok"
+
+
 @router.get(
     "/ready",
     summary="Readiness: the database and MLflow answer, the embedded workers run",
@@ -55,25 +71,14 @@ def _mlflow_answers(tracking_uri: str) -> None:
 )
 def ready(request: Request, resources: Resources = Depends(get_resources)) -> dict[str, object]:
     checks: dict[str, object] = {}
-    retry = {"Retry-After": "5"}
-    try:
+
+    def connect() -> None:
         with resources.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as error:
-        logger.warning("/ready: the database is unreachable: %s", error)
-        raise Problem(
-            503, "not-ready", f"the database is unreachable ({type(error).__name__})", headers=retry
-        ) from None
+
+    _probe(checks, "database", "the database", connect)
     if resources.tracking_uri.lower() != "none":
-        try:
-            _mlflow_answers(resources.tracking_uri)
-            checks["mlflow"] = "ok"
-        except Exception as error:
-            logger.warning("/ready: MLflow is unreachable: %s", error)
-            raise Problem(
-                503, "not-ready", f"MLflow is unreachable ({type(error).__name__})", headers=retry
-            ) from None
+        _probe(checks, "mlflow", "MLflow", lambda: _mlflow_answers(resources.tracking_uri))
     supervisor = getattr(request.app.state, "supervisor", None)
     if supervisor is not None and supervisor.slots:
         report = supervisor.report()
@@ -83,7 +88,7 @@ def ready(request: Request, resources: Resources = Depends(get_resources)) -> di
                 503,
                 "not-ready",
                 f"no embedded worker runs ({report['restarting']} restarting)",
-                headers=retry,
+                headers={"Retry-After": "5"},
                 checks=checks,
             )
     return {"status": "ready", "checks": checks}

@@ -281,6 +281,12 @@ def _dense_layers(
     return layers, in_features
 
 
+def _classifier(spec: ConvNetSpec | ResNetSpec, features: int, num_classes: int) -> list[nn.Module]:
+    """After the last stage: flatten the ``features`` values, the dense layers, the head."""
+    dense, width = _dense_layers(spec, features, spec.dense_widths, "dense_widths")
+    return [nn.Flatten(), *dense, _head(spec, width, num_classes)]
+
+
 def _head(spec: ZooModelSpec, in_features: int, num_classes: int) -> nn.Module:
     if num_classes == 2:
         return FrobeniusLinear(in_features, 1)
@@ -349,11 +355,7 @@ def _convnet(spec: ConvNetSpec, input_shape: Sequence[int], num_classes: int) ->
             layers.append(act)
         pool, channels, height, width = _pool(spec.pooling, channels, height, width, stage)
         layers.append(pool)
-    layers.append(nn.Flatten())
-    dense, features = _dense_layers(
-        spec, channels * height * width, spec.dense_widths, "dense_widths"
-    )
-    return [*layers, *dense, _head(spec, features, num_classes)]
+    return [*layers, *_classifier(spec, channels * height * width, num_classes)]
 
 
 def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> list[nn.Module]:
@@ -383,11 +385,7 @@ def _resnet(spec: ResNetSpec, input_shape: Sequence[int], num_classes: int) -> l
             layers.append(LipschitzResidual(block, mode="mean"))
         pool, channels, height, width = _pool(spec.pooling, channels, height, width, stage)
         layers.append(pool)
-    layers.append(nn.Flatten())
-    dense, features = _dense_layers(
-        spec, channels * height * width, spec.dense_widths, "dense_widths"
-    )
-    return [*layers, *dense, _head(spec, features, num_classes)]
+    return [*layers, *_classifier(spec, channels * height * width, num_classes)]
 
 
 def num_outputs(num_classes: int) -> int:
