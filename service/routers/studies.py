@@ -131,6 +131,7 @@ def detail_view(snapshot: StudySnapshot) -> dict[str, Any]:
             "hypervolume": results.hypervolume(snapshot.records, objectives),
             "eta_seconds": eta,
             "epochs": results.epoch_counts(snapshot.records, snapshot.spec.training.epochs),
+            **results.conditioned_view(snapshot.spec, snapshot.records, snapshot.conditioned),
         }
 
     # The ETA moves with the clock: recomputed at each refresh (once per TTL at most).

@@ -37,6 +37,7 @@ from service.schemas import (
     render_json,
 )
 from worker.record import TrialRecord as StoredRecord
+from worker.search_space import trial_params
 from worker.store import using_tracking_uri
 from worker.tracking import ONNX_ARTIFACT, register_model
 from worker.trial import attack_check
@@ -159,7 +160,7 @@ def attack(
     mode = StoredRecord.read(trial, "certificate_mode").certificate_mode
     if mode is None:
         raise Problem(409, "trial-without-model", f"trial {number} recorded no certificate mode")
-    spec = snapshot.spec.trial_spec(dict(trial.params), seed=snapshot.spec.trial_seed(number))
+    spec = snapshot.spec.trial_spec(trial_params(trial), seed=snapshot.spec.evaluation_seed(number))
     try:
         with using_tracking_uri(resources.tracking_uri):
             model = mlflow.pytorch.load_model(record["model_uri"], map_location="cpu")
