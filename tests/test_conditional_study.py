@@ -17,15 +17,19 @@ and the registry: ONE conditioned network per study, every trial an evaluation o
 from __future__ import annotations
 
 import copy
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from optuna.trial import TrialState
 
 from liptune.export import vanilla_export_at
 from service.app import create_app
@@ -36,7 +40,7 @@ from worker.datasets import load_dataset
 from worker.pool import Worker, WorkerOptions
 from worker.spec import StudySpec
 from worker.store import StudyStore
-from worker.studies import experiment_name
+from worker.studies import create_study, experiment_name, optuna_study_name
 from worker.tracking import TrackingConfig
 from worker.trial import LIPSCHITZ_TOLERANCE, run_conditioned_trial, train_conditioned
 
@@ -223,9 +227,9 @@ def test_an_hkr_network_conditioned_on_margin_and_alpha_trains_and_evaluates(one
         space.condition({"loss": "hkr", "margin": 2.0, "alpha_kr": 10.0})
 
 
-def test_the_training_lease_is_held_by_one_worker_and_freed_when_it_dies(sqlite_url):
-    upgrade(sqlite_url)
-    store = StudyStore(sqlite_url)
+def test_the_training_lease_is_held_by_one_worker_and_freed_when_it_dies(storage_url):
+    upgrade(storage_url)
+    store = StudyStore(storage_url)
     lease = store.claim_training("liptune-x", worker_id="a")
     assert lease is not None and lease.slot == -1
     assert store.claim_training("liptune-x", worker_id="b") is None
@@ -242,6 +246,59 @@ def test_the_training_lease_is_held_by_one_worker_and_freed_when_it_dies(sqlite_
     assert store.finish_claim(again, store_state("complete"))
     assert store.claim_training("liptune-x", worker_id="c") is None  # trained: no second one
     assert store.training_counts("liptune-x").failed == 1
+
+
+def process_study(storage_url: str, home: Path, **changes: Any) -> tuple[str, StudySpec]:
+    spec = StudySpec.model_validate({**SPEC, **changes})
+    study_id = uuid.uuid4().hex
+    create_study(storage_url, spec, study_id)
+    return study_id, spec
+
+
+def training_runs(home: Path, spec: StudySpec, study_id: str) -> list[Any]:
+    config = TrackingConfig.for_home(home)
+    experiment = config.client.get_experiment_by_name(experiment_name(spec, study_id))
+    runs = config.client.search_runs([experiment.experiment_id], max_results=100)
+    return [run for run in runs if run.data.tags.get(TRAINING_TAG) == "true"]
+
+
+def test_a_killed_trainer_does_not_block_the_study_and_two_workers_train_once(
+    sqlite_url, worker_processes
+):
+    """The lease of a trainer that stopped heartbeating is freed like a trial's claim: of the
+    two worker processes started after it, one trains the network again (once) and the study
+    completes; the lost epochs count as spent."""
+    epochs = 40
+    study_id, spec = process_study(
+        sqlite_url, worker_processes.home, training={**SPEC["training"], "epochs": epochs}
+    )
+    beats = ("--heartbeat-interval", "1", "--grace-period", "3")
+    doomed = worker_processes.start(sqlite_url, *beats, name="doomed")
+    store = StudyStore(sqlite_url)
+    name = optuna_study_name(study_id)
+    deadline = time.monotonic() + 120
+    while store.conditioned_network(name).get("epochs", 0) < 2:
+        assert time.monotonic() < deadline and doomed.poll() is None, worker_processes.log("doomed")
+        time.sleep(0.2)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    lost = store.conditioned_network(name)["epochs_spent"]
+    assert 2 <= lost < epochs
+    time.sleep(3.5)  # past the grace period: the lease is stale
+    survivors = [worker_processes.start(sqlite_url, "--once", *beats) for _ in range(2)]
+    for process in survivors:
+        assert process.wait(timeout=600) == 0, worker_processes.log("w1")
+    logs = worker_processes.log("w1") + worker_processes.log("w2")
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    assert study.user_attrs["liptune.status"] == "completed", logs
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == spec.n_trials
+    assert logs.count("training its conditioned network") == 1, logs
+    record = store.conditioned_network(name)
+    assert record["status"] == "trained" and record["worker"] in ("w1", "w2")
+    assert record["epochs"] == epochs and record["epochs_spent"] >= epochs + lost
+    (run,) = training_runs(worker_processes.home, spec, study_id)  # the dead one logged none
+    assert run.info.run_id == record["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert store.training_counts(name).failed == 1
 
 
 def store_state(name: str):
