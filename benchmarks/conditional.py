@@ -22,9 +22,9 @@ with :func:`liptune.export.vanilla_export_at`), its guaranteed head bound, certi
 margin / (sqrt(2) L) on the test split. Reported: hypervolume of (test accuracy, certified
 accuracy at eps) above (0.1, 0) for eps 0.3 (the study's) 0.5 and 1.0, of the fixed networks'
 front and of the conditioned network evaluated at the same eight temperatures and at 33
-log-spaced ones (evaluations cost no training); the per-temperature gaps (conditioned minus
-fixed, median and worst over seeds); and the certificate tightness of the conditioned network
-at three temperatures (the trial's minimal-norm attack check).
+log-spaced ones (``--dense``; evaluations cost no training); the per-temperature gaps
+(conditioned minus fixed, median and worst over seeds); and the certificate tightness of the
+conditioned network at three temperatures (the trial's minimal-norm attack check).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/conditional.py --seeds 3
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/conditional.py --task fashion \
@@ -65,7 +65,6 @@ TASK_NAMES = {"digits": "digits", "fashion": "fashion-tau"}
 EPS = TASK_EPS["digits"]
 RANGE = LogRange(0.03, 100.0)
 MULTIPLIERS = (1, 2, 4)
-DENSE = tuple(float(t) for t in torch.logspace(-1.5229, 2.0, 33).tolist())  # 0.03 ... 100
 TIGHTNESS_TEMPERATURES = (0.1, 1.0, 10.0)
 
 
@@ -179,13 +178,43 @@ def main() -> None:
         default=list(MULTIPLIERS),
         help="conditioned trainings, in multiples of one trial's epochs",
     )
+    parser.add_argument(
+        "--dense",
+        type=int,
+        default=None,
+        help="log-spaced temperatures the network is also evaluated at (default: 33 on digits, "
+        "0 on fashion, where one evaluation costs about 20 s: the convnet's guaranteed bound)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument(
         "--summarise", type=Path, nargs="+", default=None, help="only print the tables of files"
     )
+    parser.add_argument(
+        "--guided",
+        type=int,
+        default=0,
+        metavar="SEEDS",
+        help="only replay the default study (guided) on the task's dense table for SEEDS seeds "
+        "and print its hypervolume at the multipliers' epochs, at each eps",
+    )
     args = parser.parse_args()
     if args.summarise:
         summarise_files(args.summarise, args.multipliers)
+        return
+    if args.guided:
+        task = TASKS[TASK_NAMES[args.task]]
+        epochs = [m * task.epochs for m in args.multipliers]
+        replayed = guided_replay(task, TASK_EPS[args.task], epochs, args.guided)
+        for eps, by_epochs in replayed.items():
+            print(
+                f"guided at eps {eps}: "
+                + "; ".join(
+                    f"{e} epochs: HV {q[1]:.3f} [{q[0]:.3f}, {q[2]:.3f}]"
+                    for e, q in by_epochs.items()
+                )
+            )
+        if args.out is not None:
+            args.out.write_text(json.dumps(replayed, indent=1))
         return
     torch.set_num_threads(1)
     global EPS
@@ -193,12 +222,17 @@ def main() -> None:
     task = TASKS[TASK_NAMES[args.task]]
     trial_epochs = task.epochs
     study_eps = EPS[0]
+    count = args.dense if args.dense is not None else (33 if args.task == "digits" else 0)
+    dense_temperatures = (
+        tuple(float(t) for t in torch.logspace(-1.5229, 2.0, count).tolist()) if count else ()
+    )
     report: dict = {
         "task": args.task,
         "eps": list(EPS),
         "trial_epochs": trial_epochs,
         "scale": args.scale,
         "hidden": args.hidden,
+        "dense": count,
         "seeds": [],
     }
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -220,7 +254,7 @@ def main() -> None:
             if args.out is not None:  # the network itself, to look at again without retraining
                 torch.save(network.state_dict(), args.out.with_suffix(f".s{seed}.x{multiplier}.pt"))
             cond = {t: evaluate(at(network, t), splits)[0] for t in TEMPERATURES}
-            dense = [evaluate(at(network, t), splits)[0] for t in DENSE]
+            dense = [evaluate(at(network, t), splits)[0] for t in dense_temperatures]
             result = {
                 "epochs": multiplier * trial_epochs,
                 "seconds": seconds,
@@ -229,7 +263,9 @@ def main() -> None:
             }
             for eps in EPS:
                 result[f"hv_{eps:g}"] = hypervolume([point(m, eps) for m in cond.values()])
-                result[f"hv_dense_{eps:g}"] = hypervolume([point(m, eps) for m in dense])
+                result[f"hv_dense_{eps:g}"] = hypervolume(
+                    [point(m, eps) for m in dense] if dense else []
+                )
             result["eval_seconds_median"] = statistics.median(
                 m["eval_seconds"] for m in [*cond.values(), *dense]
             )
@@ -292,14 +328,16 @@ def summarise(report: dict, multipliers: list[int], study_eps: float) -> None:
             for e in eps_list
         )
     )
+    count = report.get("dense", 33)
     header = " | ".join(f"HV@{e:g}" for e in eps_list)
-    dense = " | ".join(f"HV@{e:g}, 33 temps" for e in eps_list)
-    print(f"\n| conditioned network | epochs (fixed: {8 * trial_epochs}) | {header} | {dense} |")
-    print("|---|---|" + "---|" * (2 * len(eps_list)))
+    if count:
+        header += " | " + " | ".join(f"HV@{e:g}, {count} temps" for e in eps_list)
+    print(f"\n| conditioned network | epochs (fixed: {8 * trial_epochs}) | {header} |")
+    print("|---|---|" + "---|" * ((2 if count else 1) * len(eps_list)))
     for multiplier in multipliers:
         runs = [(s, s["conditioned"][str(multiplier)]) for s in seeds]
         cells = [share([r[f"hv_{e:g}"] / s[f"hv_fixed_{e:g}"] for s, r in runs]) for e in eps_list]
-        for e in eps_list:
+        for e in eps_list if count else ():
             shares = [100 * r[f"hv_dense_{e:g}"] / s[f"hv_fixed_{e:g}"] for s, r in runs]
             cells.append(f"{statistics.median(shares):.0f} %")
         print(f"| {multiplier}x | {runs[0][1]['epochs']} | " + " | ".join(cells) + " |")
@@ -320,6 +358,28 @@ def summarise(report: dict, multipliers: list[int], study_eps: float) -> None:
     for s in seeds:
         tight = s["conditioned"][str(multipliers[-1])].get("tightness")
         print(f"seed {s['seed']}: " + json.dumps(tight))
+
+
+def guided_replay(task, eps_list, epochs_list: list[int], seeds: int) -> dict[str, dict]:
+    """The default study (``guided``, no pruner) replayed on the task's dense table
+    (:mod:`study_efficiency`'s replay, each trial one of the table's trainings) at each eps: the
+    median and quartiles over ``seeds`` of its hypervolume once ``epochs`` were spent, for each
+    of ``epochs_list`` (the conditioned network's budgets)."""
+    import warnings
+
+    import optuna
+    from study_efficiency import METHODS, Replay, at_eps
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    out: dict[str, dict] = {}
+    for eps in eps_list:
+        table = Replay(task if eps == task.eps else at_eps(task, eps))
+        traces = [METHODS["guided"](table, seed, max(epochs_list)) for seed in range(seeds)]
+        out[f"{eps:g}"] = {
+            str(e): statistics.quantiles([t.at(e) for t in traces], n=4) for e in epochs_list
+        }
+    return out
 
 
 def summarise_files(paths: list[Path], multipliers: list[int]) -> None:
