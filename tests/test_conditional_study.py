@@ -150,6 +150,9 @@ def test_fronts_and_recommendations_answer_for_a_conditional_study(client, done)
     assert knee.status_code == 200, knee.text
     page = client.get(f"/studies/{study_id}", headers={"Accept": "text/html"})
     assert page.status_code == 200
+    number = done["trials"][0]["number"]
+    trial_page = client.get(f"/studies/{study_id}/trials/{number}", headers={"Accept": "text/html"})
+    assert trial_page.status_code == 200, trial_page.text
 
 
 def test_a_registered_conditional_trial_serves_like_any_other(client, done, mlflow_store):
