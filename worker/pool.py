@@ -247,7 +247,12 @@ class Worker:
                 continue
             if self._too_large_for_device(name, spec):
                 continue
-            if spec.conditional and self._conditioned_network(study_id, name, spec) is None:
+            # A conditional study's trials need its network (trained here, or loaded) first.
+            if (
+                spec.conditional
+                and counts.running + counts.complete < spec.n_trials
+                and self._conditioned_network(study_id, name, spec) is None
+            ):
                 continue
             claim = self.store.claim(name, n_trials=spec.n_trials, worker_id=self.options.worker_id)
             if claim is None:
