@@ -29,6 +29,16 @@ Conventions of the field (DESIGN.md):
   (binary: ``softplus(-temperature * (y f(x) - margin)) / temperature``). Papers and orthogonium's
   ``LossXent(offset, temperature)`` write the temperature as a divisor T: ``T * CE((logits -
   offset * onehot(y)) / T, y)``, so ``margin = offset`` and ``temperature = 1 / T``.
+
+Per-example hyper-parameters (loss-conditioned training, :mod:`liptune.nn.conditioning`): the
+HKR, tau and offset losses take their hyper-parameters in ``forward`` too, as keywords
+(``margin=``, ``alpha_kr=``, ``temperature=``), each a number or a tensor ``(N,)`` with one value
+per example, replacing the module's value for that call. Example i's term is then the loss at
+its own values; the batch's loss is the reduction of those terms as usual. For the HKR losses the
+per-sample KR terms (whose batch mean is the KR estimate) are weighted by each example's
+``1 - a_i``, so that with equal values the result is exactly the fixed loss. Values given as
+tensors are checked (positive, finite; ``alpha_kr`` >= 0, ``inf`` allowed) on the CPU only, as
+targets are.
 """
 
 from __future__ import annotations
@@ -77,6 +87,44 @@ def _hinge_weight(alpha_kr: float) -> float:
     if math.isinf(alpha_kr):
         return 1.0
     return alpha_kr / (1.0 + alpha_kr)
+
+
+def per_example(
+    name: str, value: Tensor | float | None, default: float, outputs: Tensor
+) -> Tensor | float:
+    """A hyper-parameter given to ``forward``: ``default`` (the module's) when ``value`` is
+    None, a checked float for a number, or a ``(N, 1)`` tensor of ``outputs``' dtype for one value
+    per example (``(N,)`` or one value), checked when it lies on the CPU."""
+    if value is None:
+        return default
+    if not isinstance(value, Tensor):
+        if name == "alpha_kr":
+            _hinge_weight(value)
+            return float(value)
+        return _positive_finite(name, value)
+    n = outputs.shape[0]
+    if value.dim() > 1 or value.numel() not in (1, n):
+        raise ValueError(f"{name} must be a number or (N,) with N = {n}, got {tuple(value.shape)}")
+    value = value.to(device=outputs.device, dtype=outputs.dtype).reshape(-1, 1)
+    if value.device.type == "cpu":
+        if name == "alpha_kr":
+            if bool((torch.isnan(value) | (value < 0)).any()):
+                raise ValueError("alpha_kr must be >= 0 (float('inf') for hinge only)")
+        elif not bool((torch.isfinite(value) & (value > 0)).all()):
+            raise ValueError(f"{name} must be finite and > 0 for every example")
+    return value
+
+
+def hinge_weights(alpha_kr: Tensor | float) -> Tensor | float:
+    """``alpha_kr / (1 + alpha_kr)`` of a number or of a tensor (1 where ``alpha_kr = inf``)."""
+    if not isinstance(alpha_kr, Tensor):
+        return _hinge_weight(alpha_kr)
+    return torch.where(torch.isinf(alpha_kr), torch.ones_like(alpha_kr), alpha_kr / (1 + alpha_kr))
+
+
+def _column(value: Tensor | float) -> Tensor | float:
+    """A per-example ``(N, 1)`` value as ``(N,)``; a number as is."""
+    return value.reshape(-1) if isinstance(value, Tensor) else value
 
 
 def binary_signs(outputs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,14 +213,38 @@ def _kr_terms(f: Tensor, positive: Tensor) -> Tensor:
     return (weights * f).mean(dim=-1)
 
 
-def _hinge_terms(f: Tensor, positive: Tensor, margin: float, positive_weight: float) -> Tensor:
+def _hinge_terms(
+    f: Tensor, positive: Tensor, margin: Tensor | float, positive_weight: float
+) -> Tensor:
     """Per-sample ``mean_k w_k relu(margin / 2 - y_k f_k)`` (N,), positives weighted by
-    ``positive_weight``."""
+    ``positive_weight``; ``margin`` a number or ``(N, 1)``, one per sample."""
     signs = torch.where(positive, 1.0, -1.0).to(f.dtype)
     hinge = F.relu(margin / 2.0 - signs * f)
     if positive_weight != 1.0:
         hinge = torch.where(positive, positive_weight * hinge, hinge)
     return hinge.mean(dim=-1)
+
+
+def _hkr_weight(alpha_kr: Tensor | float | None, default: float, outputs: Tensor) -> Tensor | float:
+    """The hinge weight ``a`` of a ``forward``'s ``alpha_kr`` (the module's when None): a number,
+    or ``(N,)`` per example."""
+    if alpha_kr is None:
+        return default
+    return _column(hinge_weights(per_example("alpha_kr", alpha_kr, 0.0, outputs)))
+
+
+def _hkr(
+    f: Tensor,
+    positive: Tensor,
+    margin: Tensor | float,
+    weight: Tensor | float,
+    positive_weight: float,
+) -> Tensor:
+    """Per-sample ``a * hinge - (1 - a) * KR`` terms (N,), ``a`` a number or one per sample."""
+    loss = weight * _hinge_terms(f, positive, margin, positive_weight)
+    if isinstance(weight, Tensor) or weight < 1.0:
+        loss = loss - (1.0 - weight) * _kr_terms(f, positive)
+    return loss
 
 
 class _Loss(nn.Module):
@@ -258,13 +330,19 @@ class HKRLoss(_Loss):
         self.alpha_kr = float(alpha_kr)
         self.margin = _positive_finite("margin", margin)
 
-    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor,
+        *,
+        margin: Tensor | float | None = None,
+        alpha_kr: Tensor | float | None = None,
+    ) -> Tensor:
         f, signs = binary_signs(outputs, target)
         positive = (signs > 0)[:, None]
-        loss = self.hinge_weight * _hinge_terms(f[:, None], positive, self.margin, 1.0)
-        if self.hinge_weight < 1.0:
-            loss = loss - (1.0 - self.hinge_weight) * _kr_terms(f[:, None], positive)
-        return self._reduce(loss)
+        margin = per_example("margin", margin, self.margin, f)
+        weight = _hkr_weight(alpha_kr, self.hinge_weight, f)
+        return self._reduce(_hkr(f[:, None], positive, margin, weight, 1.0))
 
 
 class TauBCEWithLogitsLoss(_Loss):
@@ -279,12 +357,15 @@ class TauBCEWithLogitsLoss(_Loss):
         super().__init__(reduction)
         self.temperature = _positive_finite("temperature", temperature)
 
-    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self, outputs: Tensor, target: Tensor, *, temperature: Tensor | float | None = None
+    ) -> Tensor:
         f, signs = binary_signs(outputs, target)
+        tau = _column(per_example("temperature", temperature, self.temperature, f))
         loss = F.binary_cross_entropy_with_logits(
-            self.temperature * f, (signs > 0).to(f.dtype), reduction="none"
+            tau * f, (signs > 0).to(f.dtype), reduction="none"
         )
-        return self._reduce(loss / self.temperature)
+        return self._reduce(loss / tau)
 
 
 class OffsetBCEWithLogitsLoss(_OffsetLoss):
@@ -306,10 +387,19 @@ class OffsetBCEWithLogitsLoss(_OffsetLoss):
         temperature: tau > 0, the inverse of the papers' T.
     """
 
-    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor,
+        *,
+        margin: Tensor | float | None = None,
+        temperature: Tensor | float | None = None,
+    ) -> Tensor:
         f, signs = binary_signs(outputs, target)
-        loss = F.softplus(-self.temperature * (signs * f - self.margin))
-        return self._reduce(loss / self.temperature)
+        m = _column(per_example("margin", margin, self.margin, f))
+        tau = _column(per_example("temperature", temperature, self.temperature, f))
+        loss = F.softplus(-tau * (signs * f - m))
+        return self._reduce(loss / tau)
 
 
 # --------------------------------------------------------------------------- multiclass
@@ -366,13 +456,19 @@ class MulticlassHKRLoss(_Loss):
         self.alpha_kr = float(alpha_kr)
         self.margin = _positive_finite("margin", margin)
 
-    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor,
+        *,
+        margin: Tensor | float | None = None,
+        alpha_kr: Tensor | float | None = None,
+    ) -> Tensor:
         positive = multiclass_mask(outputs, target)
         classes = outputs.shape[1]
-        loss = self.hinge_weight * _hinge_terms(outputs, positive, self.margin, classes - 1.0)
-        if self.hinge_weight < 1.0:
-            loss = loss - (1.0 - self.hinge_weight) * _kr_terms(outputs, positive)
-        return self._reduce(loss)
+        margin = per_example("margin", margin, self.margin, outputs)
+        weight = _hkr_weight(alpha_kr, self.hinge_weight, outputs)
+        return self._reduce(_hkr(outputs, positive, margin, weight, classes - 1.0))
 
 
 class MulticlassSoftHKRLoss(_Loss):
@@ -449,19 +545,9 @@ class TauCrossEntropyLoss(_Loss):
         self, outputs: Tensor, target: Tensor, temperature: Tensor | float | None = None
     ) -> Tensor:
         classes = multiclass_mask(outputs, target).int().argmax(dim=1)
-        tau = self.temperature if temperature is None else temperature
-        if isinstance(tau, Tensor):
-            if tau.dim() > 1 or tau.numel() not in (1, outputs.shape[0]):
-                raise ValueError(
-                    f"temperature must be a number or (N,) with N = {outputs.shape[0]}, got "
-                    f"{tuple(tau.shape)}"
-                )
-            tau = tau.to(outputs.dtype).reshape(-1)
-            loss = F.cross_entropy(tau[:, None] * outputs, classes, reduction="none")
-        else:
-            tau = _positive_finite("temperature", float(tau))
-            loss = F.cross_entropy(tau * outputs, classes, reduction="none")
-        return self._reduce(loss / tau)
+        tau = per_example("temperature", temperature, self.temperature, outputs)
+        loss = F.cross_entropy(tau * outputs, classes, reduction="none")
+        return self._reduce(loss / _column(tau))
 
 
 class OffsetCrossEntropyLoss(_OffsetLoss):
@@ -487,13 +573,20 @@ class OffsetCrossEntropyLoss(_OffsetLoss):
         temperature: tau > 0, the inverse of the papers' T.
     """
 
-    def forward(self, outputs: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self,
+        outputs: Tensor,
+        target: Tensor,
+        *,
+        margin: Tensor | float | None = None,
+        temperature: Tensor | float | None = None,
+    ) -> Tensor:
         mask = multiclass_mask(outputs, target)
-        shifted = outputs - self.margin * mask.to(outputs.dtype)
-        loss = F.cross_entropy(
-            self.temperature * shifted, mask.int().argmax(dim=1), reduction="none"
-        )
-        return self._reduce(loss / self.temperature)
+        m = per_example("margin", margin, self.margin, outputs)
+        tau = per_example("temperature", temperature, self.temperature, outputs)
+        shifted = outputs - m * mask.to(outputs.dtype)
+        loss = F.cross_entropy(tau * shifted, mask.int().argmax(dim=1), reduction="none")
+        return self._reduce(loss / _column(tau))
 
 
 class CosineSimilarityLoss(_Loss):

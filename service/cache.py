@@ -56,6 +56,8 @@ class StudySnapshot:
     trials: dict[int, FrozenTrial]
     version: int
     refreshed_at: float
+    #: A conditional study's network record (``liptune.conditioned``); empty otherwise.
+    conditioned: dict[str, Any] = field(default_factory=dict)
     derived: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
     derived_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -157,7 +159,7 @@ class StudyCache:
             )
         previous = state.snapshot
         spec = previous.spec if previous is not None else StudySpec.model_validate(spec_data)
-        status = self.store.study_status_by_id(state.optuna_study_id)
+        status, conditioned = self.store.study_state_by_id(state.optuna_study_id)
         # The trials not seen finished, and every newer one.
         fresh = self.store.trials_since(state.optuna_study_id, state.unfinished, state.max_trial_id)
         changed = False
@@ -176,7 +178,8 @@ class StudyCache:
         unchanged = (
             previous is not None
             and not changed
-            and (previous.status, previous.n_trials) == (status, n_trials)
+            and (previous.status, previous.n_trials, previous.conditioned)
+            == (status, n_trials, conditioned)
         )
         if unchanged:
             previous.refreshed_at = time.monotonic()
@@ -201,6 +204,7 @@ class StudyCache:
             trials={trial.number: trial for trial, _, _ in entries},
             version=(previous.version + 1) if previous is not None else 0,
             refreshed_at=time.monotonic(),
+            conditioned=conditioned,
         )
 
 

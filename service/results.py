@@ -347,6 +347,32 @@ def epoch_counts(records: Iterable[TrialRecord], epochs_per_trial: int) -> dict[
     return {"spent": spent, "saved": saved}
 
 
+def conditioned_view(
+    spec: StudySpec, records: Iterable[TrialRecord], conditioned: dict[str, Any]
+) -> dict[str, Any]:
+    """``epochs_spent`` and ``conditioned_network`` of a study's detail: a ``train`` study spent
+    its trials' epochs and has no conditioned network; a conditional one spent its network's
+    epochs (:data:`worker.study._studies.CONDITIONED_ATTR`)."""
+    if not spec.conditional:
+        return {
+            "epochs_spent": sum(record.epochs_trained for record in records),
+            "conditioned_network": None,
+        }
+    network = {
+        "status": conditioned.get("status", "waiting"),
+        "epochs": int(conditioned.get("epochs", 0)),
+        "epochs_total": spec.training.epochs,
+        **{
+            key: conditioned.get(key)
+            for key in ("seconds", "worker", "mlflow_run_id", "failure_reason")
+        },
+    }
+    return {
+        "epochs_spent": int(conditioned.get("epochs_spent", 0)),
+        "conditioned_network": network,
+    }
+
+
 def eta_seconds(records: Sequence[TrialRecord], n_trials: int, now: datetime) -> float | None:
     """Seconds until the study has ``n_trials`` completed trials, estimated as
 

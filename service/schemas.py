@@ -167,6 +167,23 @@ class StudySummary(_Schema):
     urls: StudyUrls
 
 
+class ConditionedNetworkOut(_Schema):
+    """The one network of a conditional study (``strategy: conditional``)."""
+
+    status: Literal["waiting", "training", "pending", "trained", "failed"] = Field(
+        description="`waiting`: no worker started it; `training`; `pending`: a training was "
+        "stopped and waits for a worker; `trained`: every trial evaluates it; `failed`."
+    )
+    epochs: int = Field(description="Epochs of the current (or finished) training.")
+    epochs_total: int = Field(description="The training's budget: the spec's training.epochs.")
+    seconds: float | None = Field(default=None, description="Training seconds, once trained.")
+    worker: str | None = Field(default=None, description="The worker that trains or trained it.")
+    mlflow_run_id: str | None = Field(
+        default=None, description="The MLflow run that holds it (tag liptune.conditional_training)."
+    )
+    failure_reason: str | None = None
+
+
 class StudyDetail(StudySummary):
     spec: dict[str, Any]
     objectives: list[ObjectiveOut]
@@ -179,6 +196,14 @@ class StudyDetail(StudySummary):
     epochs: dict[str, int] = Field(
         description="`spent`: epochs trained by the study's trials; `saved`: epochs its pruned "
         "trials did not train."
+    )
+    epochs_spent: int = Field(
+        description="Every epoch the study trained: its trials' (strategy `train`), or its "
+        "conditioned network's, stopped trainings included (strategy `conditional`, whose "
+        "trials train none)."
+    )
+    conditioned_network: ConditionedNetworkOut | None = Field(
+        default=None, description="A conditional study's one network; null for `train`."
     )
     class_names: list[str] | None = Field(
         default=None,

@@ -23,6 +23,16 @@ study each epoch's validation value of the objective is also reported to Optuna 
 so optuna-dashboard draws it; Optuna has no intermediate values for several objectives, where the
 epochs are in the record only.
 
+A conditional study (``strategy: conditional``, :mod:`worker.trial._conditional`) first needs its
+one conditioned network. The worker that claims the study's training lease
+(:meth:`worker.study.StudyStore.claim_training`, heartbeated like a trial's claim) trains it,
+logs it to MLflow and records it on the study (``liptune.conditioned``); the others leave the
+study to it meanwhile. Every worker then loads the network from that MLflow run once (kept in
+memory per study) and runs the study's trials as evaluations of it
+(:func:`worker.trial.run_conditioned_trial`). A trainer that dies stops heartbeating: its lease
+is freed as stale like a trial's claim and the next worker trains again. A training that
+diverges fails the study; one that is stopped (worker stopping, study cancelled) frees the lease.
+
 Stopping: :meth:`Worker.stop` (SIGTERM, SIGINT) makes the running trial stop at its next epoch
 boundary; it ends as FAIL (reason ``worker stopped``), its slot is freed, its parameters are
 re-enqueued, and the worker exits: nothing is left RUNNING. A cancelled study is seen between
@@ -47,6 +57,7 @@ from typing import Any
 import optuna
 from pydantic import ValidationError
 
+from liptune.nn import ConditionedSequential
 from worker.common._retry import retrying
 from worker.search._pruning import MOASHA
 from worker.search._samplers import build_sampler, worker_seed
@@ -70,8 +81,16 @@ from worker.tracking._mlflow import (
     end_abandoned_runs,
     end_orphaned_runs,
 )
+from worker.trial._conditional import ConditionSpace, load_network, log_network
 from worker.trial._devices import study_memory_bytes
-from worker.trial._run import TrialOutcome, TrialResult, run_trial
+from worker.trial._run import (
+    TrialOutcome,
+    TrialResult,
+    allocation_failed,
+    run_conditioned_trial,
+    run_trial,
+    train_conditioned,
+)
 from worker.trial.datasets import set_data_roots
 
 logger = logging.getLogger("liptune.worker")
@@ -178,6 +197,9 @@ class Worker:
         self._orphans_seen: dict[str, dict[int, float]] = {}
         self._too_large: dict[str, bool] = {}
         self._unreadable: set[str] = set()
+        # conditional studies: study name -> (trained network, its MLflow run id)
+        self._networks: dict[str, tuple[ConditionedSequential, str | None]] = {}
+        self._left_to_trainer: set[str] = set()
         if options.data_roots is not None:
             set_data_roots(options.data_roots)
 
@@ -233,6 +255,13 @@ class Worker:
                 continue
             if self._too_large_for_device(name, spec):
                 continue
+            # A conditional study's trials need its network (trained here, or loaded) first.
+            if (
+                spec.conditional
+                and counts.running + counts.complete < spec.n_trials
+                and self._conditioned_network(study_id, name, spec) is None
+            ):
+                continue
             claim = self.store.claim(name, n_trials=spec.n_trials, worker_id=self.options.worker_id)
             if claim is None:
                 if counts.complete >= spec.n_trials:
@@ -281,6 +310,175 @@ class Worker:
                     budget / 2**20,
                 )
         return self._too_large[study_name]
+
+    # ------------------------------------------------------------------ conditional studies
+
+    def _conditioned_network(
+        self, study_id: str, study_name: str, spec: StudySpec
+    ) -> tuple[ConditionedSequential, str | None] | None:
+        """The conditional study's trained network and its MLflow run id: from memory, from its
+        MLflow run, or trained here under the study's training lease; ``None`` while another
+        worker trains it (or when it cannot be had: the study is failed then)."""
+        cached = self._networks.get(study_name)
+        if cached is not None:
+            return cached
+        record = self.store.conditioned_network(study_name)
+        if record.get("status") == "trained":
+            return self._load_network(study_name, spec, record)
+        failed = self.store.training_counts(study_name).failed
+        if failed > failure_budget(spec):
+            self._set_status(
+                study_name,
+                StudyStatus.FAILED,
+                f"the conditioned network's training was started {failed + 1} times and never "
+                "finished (its workers stopped or died)",
+            )
+            return None
+        lease = self.store.claim_training(study_name, worker_id=self.options.worker_id)
+        if lease is None:
+            if study_name not in self._left_to_trainer:
+                self._left_to_trainer.add(study_name)
+                logger.info(
+                    "%s: its conditioned network is being trained by worker %s; left to it",
+                    study_name,
+                    record.get("worker"),
+                )
+            return None
+        return self._train_network(study_id, study_name, spec, lease, record)
+
+    def _load_network(
+        self, study_name: str, spec: StudySpec, record: dict[str, Any]
+    ) -> tuple[ConditionedSequential, str | None] | None:
+        run_id = record.get("mlflow_run_id")
+        if run_id is None or self.options.tracking is None:
+            if study_name not in self._left_to_trainer:
+                self._left_to_trainer.add(study_name)
+                logger.warning(
+                    "%s: its conditioned network was trained by worker %s without MLflow: this "
+                    "worker cannot load it, left to that worker",
+                    study_name,
+                    record.get("worker"),
+                )
+            return None
+        try:
+            network = load_network(self.options.tracking, run_id, spec)
+        except TrackingUnavailable as error:
+            logger.warning("%s: conditioned network not loaded yet: %s", study_name, error)
+            return None
+        logger.info("%s: loaded its conditioned network from MLflow run %s", study_name, run_id)
+        self._networks[study_name] = (network, run_id)
+        return self._networks[study_name]
+
+    def _train_network(
+        self, study_id: str, study_name: str, spec: StudySpec, lease: Claim, before: dict[str, Any]
+    ) -> tuple[ConditionedSequential, str | None] | None:
+        """Train the study's conditioned network under ``lease``, log it and record it."""
+        spent_before = int(before.get("epochs_spent", 0))
+        record: dict[str, Any] = {
+            "status": "training",
+            "worker": self.options.worker_id,
+            "epochs": 0,
+            "epochs_spent": spent_before,
+        }
+        self.store.set_conditioned_network(study_name, record)
+        logger.info(
+            "%s: training its conditioned network (%d epochs)", study_name, spec.training.epochs
+        )
+
+        def on_epoch(epoch: dict[str, Any]) -> None:
+            record.update(
+                epochs=int(epoch["epoch"]), epochs_spent=spent_before + int(epoch["epoch"])
+            )
+            self.store.set_conditioned_network(study_name, record)
+
+        started_at = time.time()
+        with Heartbeat(self.store, lease, self.options.heartbeat_interval) as beat:
+            try:
+                network, run, splits = train_conditioned(
+                    spec,
+                    should_stop=self._should_stop_name(study_name),
+                    on_epoch=on_epoch,
+                    data_roots=self.options.data_roots,
+                    device=self.options.device,
+                    threads=trial_threads(self.options.threads, spec.training.threads),
+                )
+                if beat.lost:
+                    raise _LeaseLost
+                run_id = None
+                if run.failure_reason is None and not run.cancelled and self.options.tracking:
+                    run_id = log_network(
+                        self.options.tracking,
+                        experiment=experiment_name(spec, study_id),
+                        spec=spec,
+                        study_id=study_id,
+                        network=network,
+                        run=run,
+                        input_shape=tuple(splits.input_shape),
+                        num_classes=splits.num_classes,
+                        worker_id=self.options.worker_id,
+                        started_at=started_at,
+                    )
+            except _LeaseLost:
+                logger.warning(
+                    "%s: the training lease was freed as stale by another worker; this "
+                    "training is discarded",
+                    study_name,
+                )
+                return None
+            except TrackingUnavailable as error:  # trained, but not stored: again later
+                logger.warning("%s: conditioned network not logged: %s", study_name, error)
+                record.update(status="pending")
+                self.store.set_conditioned_network(study_name, record)
+                self.store.finish_claim(lease, ClaimState.FAILED, f"MLflow: {error}")
+                return None
+            except Exception as error:
+                logger.exception("%s: the conditioned network's training crashed", study_name)
+                what = "out of memory" if allocation_failed(error) else type(error).__name__
+                reason = f"the conditioned network's training failed: {what}: {error}"
+                self._network_failed(study_name, lease, record, reason)
+                return None
+        if run.failure_reason is not None:
+            reason = f"the conditioned network's training failed: {run.failure_reason}"
+            self._network_failed(study_name, lease, record, reason)
+            return None
+        if run.cancelled:
+            why = WORKER_STOPPED if self.stopping else "study not running"
+            record.update(status="pending")
+            self.store.set_conditioned_network(study_name, record)
+            self.store.finish_claim(lease, ClaimState.FAILED, why)
+            logger.info("%s: conditioned network's training stopped (%s)", study_name, why)
+            return None
+        record.update(
+            status="trained",
+            epochs=len(run.epochs),
+            epochs_spent=spent_before + len(run.epochs),
+            seconds=run.seconds,
+            mlflow_run_id=run_id,
+        )
+        # The record first: a worker that finds the lease complete finds the network's run.
+        self.store.set_conditioned_network(study_name, record)
+        if not self.store.finish_claim(lease, ClaimState.COMPLETE):
+            logger.warning(
+                "%s: the training lease was freed as stale meanwhile; the logged network stands",
+                study_name,
+            )
+        logger.info(
+            "%s: conditioned network trained in %.1f s (%d epochs), MLflow run %s",
+            study_name,
+            run.seconds,
+            len(run.epochs),
+            run_id,
+        )
+        self._networks[study_name] = (network, run_id)
+        return self._networks[study_name]
+
+    def _network_failed(
+        self, study_name: str, lease: Claim, record: dict[str, Any], reason: str
+    ) -> None:
+        record.update(status="failed", failure_reason=reason)
+        self.store.set_conditioned_network(study_name, record)
+        self.store.finish_claim(lease, ClaimState.FAILED, reason)
+        self._set_status(study_name, StudyStatus.FAILED, reason)
 
     # ------------------------------------------------------------------ one trial
 
@@ -348,6 +546,8 @@ class Worker:
     def _train(
         self, study: optuna.Study, study_id: str, spec: StudySpec, trial: optuna.Trial
     ) -> TrialResult:
+        if spec.conditional:
+            return self._evaluate(study, study_id, spec, trial)
         params = self.store.suggest(trial, spec.search_space)
         trial_spec = spec.trial_spec(params, seed=spec.trial_seed(trial.number))
         trial_id = self.store.trial_id(trial)
@@ -387,7 +587,37 @@ class Worker:
             threads=trial_threads(self.options.threads, spec.training.threads),
         )
 
+    def _evaluate(
+        self, study: optuna.Study, study_id: str, spec: StudySpec, trial: optuna.Trial
+    ) -> TrialResult:
+        """A conditional study's trial: its network evaluated at the suggested parameters, on
+        the data split it was trained on (the study's seed)."""
+        network, run_id = self._networks[study.study_name]
+        params = self.store.suggest(trial, spec.search_space)
+        condition = ConditionSpace.of(spec).condition(params)  # ValueError: the trial fails
+        trial_spec = spec.trial_spec(params, seed=spec.evaluation_seed(trial.number))
+        logger.info("%s trial %d (evaluation): %s", study.study_name, trial.number, params)
+        return run_conditioned_trial(
+            trial_spec,
+            network,
+            condition,
+            network_run_id=run_id,
+            tracking=self.options.tracking,
+            experiment=experiment_name(spec, study_id),
+            tags={
+                "liptune.study_id": study_id,
+                TRIAL_NUMBER_TAG: str(trial.number),
+                "liptune.loss_family": params["loss"],
+            },
+            data_roots=self.options.data_roots,
+            device=self.options.device,
+            threads=trial_threads(self.options.threads, spec.training.threads),
+        )
+
     def _should_stop(self, study: optuna.Study) -> Callable[[], bool]:
+        return self._should_stop_name(study.study_name)
+
+    def _should_stop_name(self, study_name: str) -> Callable[[], bool]:
         last_check = -math.inf
         status = StudyStatus.RUNNING
 
@@ -396,7 +626,7 @@ class Worker:
             if self.stopping:
                 return True
             if time.monotonic() - last_check >= STATUS_CHECK_INTERVAL_S:
-                status = self.store.study_status(study.study_name)
+                status = self.store.study_status(study_name)
                 last_check = time.monotonic()
             return status != StudyStatus.RUNNING
 
@@ -543,6 +773,7 @@ class Worker:
         self.store.enqueue(study, params, retry.user_attrs("retry_of", "retries"))
 
     def _set_status(self, study_name: str, status: StudyStatus, reason: str | None = None) -> None:
+        self._networks.pop(study_name, None)  # a study extended later loads it again
         if self.store.study_status(study_name) != StudyStatus.RUNNING:
             return
         study = self.store.load_study(study_name)
@@ -558,6 +789,10 @@ class Worker:
             for trial_id in self.store.running_trial_ids(study):
                 if trial_id not in claimed:
                     self._fail_stale_trial(study, None, trial_id, "no worker holds it")
+
+
+class _LeaseLost(Exception):
+    """The training lease was freed as stale while the network trained."""
 
 
 def _result_record(result: TrialResult) -> TrialAttributes:

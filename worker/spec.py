@@ -27,7 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 ACTIVATIONS = ("groupsort2", "groupsort", "fullsort", "maxmin", "householder")
 #: The convolution families of the zoo's conv nets (see :mod:`worker.trial._models`).
@@ -550,6 +550,24 @@ class Requirement(Objective):
 
 
 SAMPLERS = ("auto", "guided", "tpe", "gp", "nsga2", "random", "grid", "qmc")
+#: How a study spends its epochs: ``train`` one network per trial, or ``conditional`` one
+#: loss-conditioned network per study, evaluated by every trial (:mod:`worker.trial._conditional`).
+STRATEGIES = ("train", "conditional")
+#: The loss families a conditional study conditions on (continuous parameters, per-example
+#: losses in :mod:`liptune.losses`) and the zoo networks it conditions (a FiLM layer after each
+#: top-level constrained layer, :func:`liptune.nn.conditioned`).
+CONDITIONAL_FAMILIES = ("tau_ce", "hkr", "offset_ce")
+CONDITIONAL_MODELS = ("mlp", "convnet")
+_STRATEGY_DESCRIPTION = (
+    "`train` (default): each trial trains its own network. `conditional`: the study trains ONE "
+    "network conditioned on the loss parameters (a FiLM layer with |scale| <= 1 after each "
+    "constrained layer; each training example at its own parameters, drawn from the search "
+    "space's ranges, log-uniform for log ranges) for `training.epochs` epochs, and every trial "
+    "evaluates it at the parameters the sampler suggests (exported at that condition, the same "
+    "bound check, certificates, attack check, MLflow run and registrable model as a trained "
+    "trial). Needs one loss family of tau_ce, hkr, offset_ce with at least one parameter given "
+    "as a range, the model mlp or convnet, no pruner and no search_space.conv."
+)
 PRUNERS = ("none", "mo-asha")
 
 
@@ -608,6 +626,15 @@ class StudySpec(_Spec):
         default=2, ge=0, le=10, description="Retries of a dead worker's trial."
     )
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    # Left out of dumps at its default: the specs of `train` studies stay as they were.
+    strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        default="train", description=_STRATEGY_DESCRIPTION, exclude_if=lambda v: v == "train"
+    )
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the study trains one loss-conditioned network (``strategy: conditional``)."""
+        return self.strategy == "conditional"
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
@@ -639,7 +666,91 @@ class StudySpec(_Spec):
                 f"search_space.conv searches convolution families, but model {self.model.name!r} "
                 "has no convolutions; use model `convnet` or `resnet`, or drop search_space.conv"
             )
+        if self.conditional:
+            errors = self._conditional_errors()
+            if errors:
+                raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
+
+    def _conditional_errors(self) -> list[InitErrorDetails]:
+        """What a ``conditional`` study cannot have, each error at the field it names."""
+        errors: list[InitErrorDetails] = []
+
+        def error(loc: tuple[str | int, ...], value: Any, reason: str) -> None:
+            why = PydanticCustomError("conditional_strategy", "{reason}", {"reason": reason})
+            errors.append(InitErrorDetails(type=why, loc=loc, input=value))
+
+        prefix = "strategy `conditional` trains one network conditioned on the loss parameters"
+        families = self.search_space.families
+        if len(families) != 1 or families[0] not in CONDITIONAL_FAMILIES:
+            error(
+                ("search_space", "loss"),
+                families,
+                f"{prefix} of ONE loss family, one of {', '.join(CONDITIONAL_FAMILIES)}; got "
+                f"{families}: submit one conditional study per family, or use strategy `train`",
+            )
+        else:
+            family = families[0]
+            ranged = []
+            for name in FAMILY_PARAMS[family]:
+                values = getattr(self.search_space, name)
+                if isinstance(values, Range):
+                    ranged.append(name)
+                elif isinstance(values, list) and len(set(values)) > 1:
+                    error(
+                        ("search_space", name),
+                        values,
+                        f"{prefix}, which must be continuous: give {name} as a range "
+                        '{"low": ..., "high": ..., "log": ...} (or one fixed value), not a list '
+                        "of choices",
+                    )
+            if not ranged and not errors:
+                error(
+                    ("search_space", FAMILY_PARAMS[family][0]),
+                    getattr(self.search_space, FAMILY_PARAMS[family][0]),
+                    f"{prefix}: give at least one of {family}'s parameters "
+                    f"({', '.join(FAMILY_PARAMS[family])}) as a range "
+                    '{"low": ..., "high": ..., "log": ...}',
+                )
+            for index, baseline in enumerate(self.baselines):
+                reason = _outside_space(baseline, family, self.search_space)
+                if reason is not None:
+                    error(
+                        ("baselines", index),
+                        baseline,
+                        f"{prefix}: a baseline is evaluated on that network, so {reason}",
+                    )
+        if self.model.name not in CONDITIONAL_MODELS:
+            error(
+                ("model", "name"),
+                self.model.name,
+                f"{prefix}, with a FiLM layer after each top-level constrained layer of the zoo's "
+                f"{' and '.join(CONDITIONAL_MODELS)}; model {self.model.name!r} is not supported",
+            )
+        if self.pruner.name != "none":
+            error(
+                ("pruner", "name"),
+                self.pruner.name,
+                f"{prefix}: its trials are evaluations that train no epochs, there is nothing to "
+                "prune; use the pruner `none`",
+            )
+        if self.search_space.conv is not None:
+            error(
+                ("search_space", "conv"),
+                self.search_space.conv,
+                f"{prefix} and one architecture; a convolution family is not a loss parameter, "
+                "drop search_space.conv (the model's own `conv` is used)",
+            )
+        for kind, items in (("objectives", self.objectives), ("requirements", self.requirements)):
+            for index, item in enumerate(items):
+                if item.metric == "training_time":
+                    error(
+                        (kind, index, "metric"),
+                        item.metric,
+                        f"{prefix}: every trial is the same network and reports its training "
+                        "time, so training_time cannot be searched",
+                    )
+        return errors
 
     def report_eps(self) -> list[float]:
         """Every eps at which certified accuracy is computed: the reporting list, objectives'
@@ -653,6 +764,12 @@ class StudySpec(_Spec):
     def trial_seed(self, number: int) -> int:
         """The seed of trial ``number``: its data split, initialisation and attacked points."""
         return (self.seed + number) % 2**31
+
+    def evaluation_seed(self, number: int) -> int:
+        """The seed trial ``number`` is evaluated with (data split, attacked points): its own
+        (:meth:`trial_seed`), or in a conditional study the study's, whose data split the one
+        network was trained on."""
+        return self.seed if self.conditional else self.trial_seed(number)
 
     def trial_spec(self, params: dict[str, Any], *, seed: int) -> TrialSpec:
         """The trial that a set of suggested parameters stands for."""
@@ -677,6 +794,28 @@ class StudySpec(_Spec):
             pgd=pgd,
             seed=seed,
         )
+
+
+def _outside_space(params: dict[str, Any], family: str, space: SearchSpace) -> str | None:
+    """Why ``params`` (a baseline) lies outside the conditional study's space, or None."""
+    if params.get("loss") != family:
+        return f"its loss must be {family!r}, got {params.get('loss')!r}"
+    for name in FAMILY_PARAMS[family]:
+        if name not in params or params[name] is None:
+            continue
+        value, values = float(params[name]), getattr(space, name)
+        if isinstance(values, Range):
+            if not values.low <= value <= values.high:
+                return f"{name} must lie in [{values.low:g}, {values.high:g}], got {value:g}"
+        else:
+            fixed = (
+                PARAM_DEFAULTS[name]
+                if values is None
+                else (values[0] if isinstance(values, list) else values)
+            )
+            if value != float(fixed):
+                return f"{name} is fixed at {fixed:g} in the space, got {value:g}"
+    return None
 
 
 def loss_spec_from_params(params: dict[str, Any]) -> LossSpec:

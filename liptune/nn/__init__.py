@@ -7,6 +7,7 @@ from liptune.nn.conditioning import (
     ConditionedSequential,
     FiLM,
     FixedCondition,
+    LinearRange,
     LogRange,
     conditioned,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "GroupSort2",
     "HouseHolder",
     "InvertibleDownSampling",
+    "LinearRange",
     "LipschitzResidual",
     "LipschitzSequential",
     "LogRange",

@@ -38,7 +38,14 @@ from torch import Tensor, nn
 from liptune.nn._validation import positive_int
 from liptune.nn.containers import CERTIFICATE_MODES, LipschitzSequential, infer_certificate_mode
 
-__all__ = ["ConditionedSequential", "FiLM", "FixedCondition", "LogRange", "conditioned"]
+__all__ = [
+    "ConditionedSequential",
+    "FiLM",
+    "FixedCondition",
+    "LinearRange",
+    "LogRange",
+    "conditioned",
+]
 
 SCALES = ("sigmoid", "tanh", "none")
 
@@ -75,6 +82,40 @@ class LogRange:
 
     def __repr__(self) -> str:
         return f"LogRange({self.low:g}, {self.high:g})"
+
+
+class LinearRange:
+    r"""A hyper-parameter range :math:`[low, high]` on a linear scale, as a condition.
+
+    :meth:`normalise` maps :math:`v` to :math:`2 (v - low)/(high - low) - 1` (:math:`[-1, 1]`
+    inside the range); :meth:`sample` draws values uniformly. The linear twin of
+    :class:`LogRange`, for parameters searched on a linear scale.
+    """
+
+    def __init__(self, low: float, high: float) -> None:
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"a linear range needs finite low < high, got [{low}, {high}]")
+        self.low, self.high = float(low), float(high)
+        self._span = self.high - self.low
+
+    def normalise(self, value: Tensor | float) -> Tensor:
+        """The condition of ``value`` (any shape): ``2 u - 1``, ``u`` its position in the range."""
+        value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        return 2.0 * (value - self.low) / self._span - 1.0
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """``n`` values drawn uniformly from the range, ``(n,)``."""
+        u = torch.rand(n, generator=generator, device=device)
+        return self.low + self._span * u
+
+    def __repr__(self) -> str:
+        return f"LinearRange({self.low:g}, {self.high:g})"
 
 
 def _condition_batch(condition: Tensor, n: int, features: int) -> Tensor:

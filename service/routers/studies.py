@@ -123,6 +123,7 @@ def detail_view(snapshot: StudySnapshot) -> StudyDetail:
                 "hypervolume": results.hypervolume(snapshot.records, objectives),
                 "eta_seconds": eta,
                 "epochs": results.epoch_counts(snapshot.records, snapshot.spec.training.epochs),
+                **results.conditioned_view(snapshot.spec, snapshot.records, snapshot.conditioned),
             }
         )
 

@@ -36,6 +36,7 @@ from service.schemas import (
     TrialStateName,
     render_json,
 )
+from worker.search import trial_params
 from worker.study import TrialAttributes
 from worker.tracking import ONNX_ARTIFACT, register_model, using_tracking_uri
 from worker.trial import attack_check
@@ -158,7 +159,7 @@ def attack(
     mode = TrialAttributes.read(trial, "certificate_mode").certificate_mode
     if mode is None:
         raise Problem(409, "trial-without-model", f"trial {number} recorded no certificate mode")
-    spec = snapshot.spec.trial_spec(dict(trial.params), seed=snapshot.spec.trial_seed(number))
+    spec = snapshot.spec.trial_spec(trial_params(trial), seed=snapshot.spec.evaluation_seed(number))
     try:
         with using_tracking_uri(resources.tracking_uri):
             model = mlflow.pytorch.load_model(record.model_uri, map_location="cpu")

@@ -20,6 +20,12 @@ The table is created by the service's Alembic history (revision ``0002`` of
 Every running claim carries the database time of its last heartbeat; a claim without one for
 the grace period belongs to a dead worker, and :func:`free_stale_claims` hands it, exactly once,
 to the worker that finds it.
+
+A conditional study (``strategy: conditional``) trains one network before its trials: the worker
+that trains it holds the study's training lease, a claim on the slot :data:`TRAINING_SLOT`
+(:func:`claim_training`), under the same lock, index, heartbeat and stale check as a trial's
+claim. The lease is not a trial: :func:`counts` leaves it out, :func:`training_counts` counts
+it.
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ claims = sa.Table(
 )
 
 
+#: The slot of a conditional study's training lease: below the trials' slots 0..n_trials-1, so
+#: it never takes one of them.
+TRAINING_SLOT = -1
+
+
 @dataclass(frozen=True)
 class Claim:
     """One worker's hold on one slot of a study's budget."""
@@ -109,14 +120,20 @@ class ClaimCounts:
     failed: int = 0
 
 
+def _lock_study(connection: sa.Connection, study_name: str) -> None:
+    """Take the study's claim lock for the transaction (PostgreSQL; SQLite's ``BEGIN
+    IMMEDIATE`` serialises writers already)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(study_name, 0)))
+        )
+
+
 def claim_slot(engine: Engine, study_name: str, *, n_trials: int, worker_id: str) -> Claim | None:
     """Claim a free slot of ``study_name``'s budget of ``n_trials``; ``None`` when every slot is
     running or complete."""
     with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(
-                sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(study_name, 0)))
-            )
+        _lock_study(connection, study_name)
         taken = set(
             connection.execute(
                 sa.select(claims.c.slot).where(
@@ -135,6 +152,33 @@ def claim_slot(engine: Engine, study_name: str, *, n_trials: int, worker_id: str
             .returning(claims.c.claim_id)
         ).scalar_one()
     return Claim(claim_id=claim_id, study_name=study_name, slot=free[0], worker_id=worker_id)
+
+
+def claim_training(engine: Engine, study_name: str, *, worker_id: str) -> Claim | None:
+    """Claim the training lease of a conditional study; ``None`` when a worker holds it
+    (running) or it is complete (the network is trained)."""
+    with engine.begin() as connection:
+        _lock_study(connection, study_name)
+        held = connection.execute(
+            sa.select(sa.func.count()).where(
+                claims.c.study_name == study_name,
+                claims.c.slot == TRAINING_SLOT,
+                claims.c.state != ClaimState.FAILED,
+            )
+        ).scalar_one()
+        if held:
+            return None
+        claim_id = connection.execute(
+            claims.insert()
+            .values(
+                study_name=study_name,
+                slot=TRAINING_SLOT,
+                worker_id=worker_id,
+                state=ClaimState.RUNNING,
+            )
+            .returning(claims.c.claim_id)
+        ).scalar_one()
+    return Claim(claim_id=claim_id, study_name=study_name, slot=TRAINING_SLOT, worker_id=worker_id)
 
 
 def record_trial(engine: Engine, claim: Claim, *, trial_id: int, trial_number: int) -> None:
@@ -175,11 +219,22 @@ def finish(
 
 
 def counts(engine: Engine, study_name: str) -> ClaimCounts:
-    """How many of a study's claims are running, complete and failed."""
+    """How many of a study's trial claims are running, complete and failed (the training lease
+    of a conditional study is not one of them)."""
+    return _counts(engine, study_name, claims.c.slot >= 0)
+
+
+def training_counts(engine: Engine, study_name: str) -> ClaimCounts:
+    """How many training leases of a conditional study are running (0 or 1), complete (0 or 1)
+    and failed (dead or stopped trainers)."""
+    return _counts(engine, study_name, claims.c.slot == TRAINING_SLOT)
+
+
+def _counts(engine: Engine, study_name: str, where: sa.ColumnElement[bool]) -> ClaimCounts:
     with engine.connect() as connection:
         rows = connection.execute(
             sa.select(claims.c.state, sa.func.count())
-            .where(claims.c.study_name == study_name)
+            .where(claims.c.study_name == study_name, where)
             .group_by(claims.c.state)
         ).all()
     return ClaimCounts(**dict(rows))

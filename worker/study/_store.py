@@ -47,6 +47,7 @@ from worker.study._engine import (
 )
 from worker.study._record import TrialAttributes
 from worker.study._studies import (
+    CONDITIONED_ATTR,
     ID_ATTR,
     STATUS_ATTR,
     STUDY_PREFIX,
@@ -134,6 +135,26 @@ class StudyStore:
         attrs = self.storage.get_study_user_attrs(optuna_study_id)
         return StudyStatus(attrs.get(STATUS_ATTR, "running"))
 
+    @retried
+    def conditioned_network(self, study_name: str) -> dict[str, Any]:
+        """A conditional study's network record (:data:`worker.study._studies.CONDITIONED_ATTR`;
+        empty before its training started)."""
+        study_id = self.storage.get_study_id_from_name(study_name)
+        return dict(self.storage.get_study_user_attrs(study_id).get(CONDITIONED_ATTR) or {})
+
+    @retried
+    def set_conditioned_network(self, study_name: str, record: dict[str, Any]) -> None:
+        study_id = self.storage.get_study_id_from_name(study_name)
+        self.storage.set_study_user_attr(study_id, CONDITIONED_ATTR, record)
+
+    @retried
+    def study_state_by_id(self, optuna_study_id: int) -> tuple[StudyStatus, dict[str, Any]]:
+        """A study's status and its conditioned network's record (empty for a ``train`` study),
+        in one read of its user attributes."""
+        attrs = self.storage.get_study_user_attrs(optuna_study_id)
+        status = StudyStatus(attrs.get(STATUS_ATTR, "running"))
+        return status, dict(attrs.get(CONDITIONED_ATTR) or {})
+
     @staticmethod
     def frozen_study_id(frozen_study: Any) -> int:
         # Private: FrozenStudy exposes its storage id only as ``_study_id``; the public
@@ -146,6 +167,16 @@ class StudyStore:
     def claim(self, study_name: str, *, n_trials: int, worker_id: str) -> Claim | None:
         """Claim a free slot of the study's budget; ``None`` when none is free."""
         return claims.claim_slot(self.engine, study_name, n_trials=n_trials, worker_id=worker_id)
+
+    @retried
+    def claim_training(self, study_name: str, *, worker_id: str) -> Claim | None:
+        """Claim a conditional study's training lease; ``None`` when another worker holds it or
+        the network is trained (:func:`worker.study._claims.claim_training`)."""
+        return claims.claim_training(self.engine, study_name, worker_id=worker_id)
+
+    @retried
+    def training_counts(self, study_name: str) -> ClaimCounts:
+        return claims.training_counts(self.engine, study_name)
 
     @retried
     def attach(self, claim: Claim, trial: optuna.Trial | FrozenTrial) -> int:

@@ -9,6 +9,11 @@ direction per objective (in the order of ``spec.objectives``) and these study us
 ``liptune.status``          ``running``, ``completed``, ``cancelled`` or ``failed``
 ``liptune.created_at``      ISO 8601, UTC
 ``liptune.failure_reason``  why a ``failed`` study stopped
+``liptune.conditioned``     a conditional study's network: ``status`` (``training``,
+                            ``pending`` after a stopped training, ``trained``, ``failed``),
+                            ``epochs`` (of the current or last training), ``epochs_spent``
+                            (over every training started, stopped ones included),
+                            ``seconds``, ``worker``, ``mlflow_run_id``, ``failure_reason``
 ==========================  =================================================================
 
 Nothing is private to liptune: ``optuna.load_study(study_name="liptune-ID", storage=URL)`` and
@@ -38,6 +43,7 @@ SPEC_ATTR = "liptune.spec"
 STATUS_ATTR = "liptune.status"
 CREATED_AT_ATTR = "liptune.created_at"
 FAILURE_REASON_ATTR = "liptune.failure_reason"
+CONDITIONED_ATTR = "liptune.conditioned"
 
 
 class StudyStatus(StrEnum):

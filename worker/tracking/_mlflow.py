@@ -604,6 +604,31 @@ def log_radii(
         )
 
 
+@_retrying
+def log_files(config: TrackingConfig, run_id: str, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (artifact path, e.g. ``conditioned/network.pt`` -> content) as artifacts of
+    ``run_id``."""
+    with tempfile.TemporaryDirectory() as folder:
+        for path, content in files.items():
+            local = Path(folder) / path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(content)
+            parent = str(Path(path).parent)
+            config.client.log_artifact(
+                run_id, str(local), artifact_path=None if parent == "." else parent
+            )
+
+
+@_retrying
+def read_files(config: TrackingConfig, run_id: str, paths: Sequence[str]) -> dict[str, bytes]:
+    """The artifacts ``paths`` of ``run_id``, by path (what :func:`log_files` wrote)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return {
+            path: Path(config.client.download_artifacts(run_id, path, folder)).read_bytes()
+            for path in paths
+        }
+
+
 def register_model(
     tracking_uri: str,
     model_uri_or_run_id: str,

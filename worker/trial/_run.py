@@ -47,12 +47,19 @@ from torch import nn
 from liptune.attacks import certificate_check, minimal_l2_attack
 from liptune.bounds import head_constants
 from liptune.certify import CertificateMode, certificate_mode
-from liptune.export import export_onnx, vanilla_export
+from liptune.export import export_onnx, vanilla_export, vanilla_export_at
+from liptune.nn import ConditionedSequential
 from liptune.serving import Certificate
 from worker.common._paths import default_data_roots, liptune_home
-from worker.spec import FAMILY_PARAMS, TrialSpec
+from worker.spec import FAMILY_PARAMS, StudySpec, TrialSpec
 from worker.tracking import _mlflow as tracking
 from worker.trial._certificates import AttackSummary, RadiiSummary
+from worker.trial._conditional import (
+    NETWORK_RUN_TAG,
+    ConditionSpace,
+    build_network,
+    training_view,
+)
 from worker.trial._evaluation import (
     Predictions,
     accuracy_metrics,
@@ -217,6 +224,123 @@ def run_trial(
     return result
 
 
+def train_conditioned(
+    spec: StudySpec,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    data_roots: list[Path] | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> tuple[ConditionedSequential, TrainingRun, DataSplits]:
+    """Train a conditional study's one network (:mod:`worker.trial._conditional`) for
+    ``spec.training.epochs`` epochs on the data split of the study's seed, with
+    :func:`worker.trial._training.train` (each example at its own loss parameters; the epoch records
+    are the network's at the middle of the ranges). Returns the network (eval mode, on the CPU),
+    the run (``cancelled`` or ``failure_reason`` as a trial's) and the splits. Allocation
+    failures and unusable specs raise, as :func:`run_trial`'s would before training."""
+    space = ConditionSpace.of(spec)
+    reference = spec.trial_spec({"loss": space.family, **space.reference()}, seed=spec.seed)
+    roots = data_roots if data_roots is not None else default_data_roots(liptune_home())
+    with _torch_threads(threads or spec.training.threads):
+        splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
+        torch_device = resolve_device(device or spec.training.device)
+        with _init_lock:
+            torch.manual_seed(spec.seed)
+            network = build_network(spec, splits.input_shape, splits.num_classes)
+        network.to(torch_device)
+        model, loss_fn = training_view(
+            network,
+            space,
+            build_loss(space.loss_spec(), splits.task),
+            seed=spec.seed,
+            device=torch_device,
+        )
+        run = train(
+            model,
+            loss_fn,
+            splits,
+            spec.training,
+            eps=reference.eps,
+            mode=certificate_mode(network),
+            device=torch_device,
+            seed=spec.seed,
+            should_stop=should_stop,
+            on_epoch=on_epoch,
+        )
+    return network.cpu().eval(), run, splits
+
+
+def run_conditioned_trial(
+    spec: TrialSpec,
+    network: ConditionedSequential,
+    condition: torch.Tensor,
+    *,
+    network_run_id: str | None,
+    tracking: tracking.TrackingConfig | None,
+    experiment: str | None = None,
+    tags: dict[str, str] | None = None,
+    data_roots: list[Path] | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+) -> TrialResult:
+    """One trial of a conditional study: the study's trained conditioned ``network`` exported at
+    ``condition`` (:func:`liptune.export.vanilla_export_at`), then exactly what a trained trial's
+    end does (:func:`_finish`: the guaranteed bound checked, certificates from it, the attack
+    check, metrics; :func:`_record`: the MLflow run with the same parameters, metrics, models,
+    radii and tags, plus :data:`~worker.trial._conditional.NETWORK_RUN_TAG`). ``spec`` is the
+    trial's spec at the study's seed (the data split the network was trained on). The trial trains
+    nothing: no epoch records, ``training_time`` 0."""
+    timings: dict[str, float] = {}
+    started_at = time.time()
+    roots = data_roots if data_roots is not None else default_data_roots(liptune_home())
+    test: Predictions | None = None
+    run = TrainingRun()
+    try:
+        with _torch_threads(threads or spec.training.threads):
+            with _timed(timings, "data"):
+                splits = load_dataset(spec.dataset, data_roots=roots, seed=spec.seed)
+            torch_device = resolve_device(device or spec.training.device)
+            result = TrialResult(
+                status=TrialOutcome.COMPLETED,
+                certificate_mode=certificate_mode(network),
+                timings=timings,
+            )
+
+            def export(model: nn.Module) -> nn.Module:
+                return vanilla_export_at(cast(ConditionedSequential, model), condition).to(
+                    torch_device
+                )
+
+            with full_precision():
+                test = _finish(result, network, splits, spec, run, torch_device, export=export)
+            if tracking is not None:
+                run_tags = {"liptune.strategy": "conditional", **(tags or {})}
+                if network_run_id is not None:
+                    run_tags[NETWORK_RUN_TAG] = network_run_id
+                with _timed(timings, "tracking"):
+                    _record(
+                        result,
+                        test,
+                        spec,
+                        run,
+                        splits,
+                        tracking,
+                        experiment,
+                        run_tags,
+                        started_at,
+                    )
+    except Exception as error:
+        if not allocation_failed(error):
+            raise
+        return TrialResult(
+            status=TrialOutcome.FAILED,
+            failure_reason=out_of_memory_reason(spec, device or spec.training.device, error),
+            timings=timings,
+        )
+    return result
+
+
 def allocation_failed(error: BaseException) -> bool:
     """Whether ``error`` is a failed memory allocation (host or device) rather than a bug."""
     if isinstance(error, MemoryError | torch.OutOfMemoryError):
@@ -247,14 +371,16 @@ def _finish(
     spec: TrialSpec,
     run: TrainingRun,
     device: torch.device,
+    export: Callable[[nn.Module], nn.Module] = vanilla_export,
 ) -> Predictions | None:
-    """Export, bound and evaluate the trained model, filling ``result`` (or failing it); the
-    test split's predictions."""
+    """Export (``export(model)``: a trained network's plain form, or a conditioned network's at
+    one condition), bound and evaluate the trained model, filling ``result`` (or failing it);
+    the test split's predictions."""
     mode = result.certificate_mode
     assert mode is not None, "run_trial records the certificate mode before finishing a trial"
     timings = result.timings
     with _timed(timings, "export"):
-        exported = vanilla_export(model)
+        exported = export(model)
     with _timed(timings, "lipschitz_bound"):
         bound, estimate = head_constants(exported, splits.input_shape, mode)
     if not bound <= 1.0 + LIPSCHITZ_TOLERANCE:
