@@ -61,19 +61,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from liptune._plain import vanilla_export
+from liptune.layers import BoundRule, layer_type
 from liptune.nn import (
-    FullSort,
-    GroupSort,
-    GroupSort2,
-    HouseHolder,
-    InvertibleDownSampling,
     LipschitzResidual,
-    MaxMin,
-    ScaledAvgPool2d,
     ScaledConcat,
-    ScaledGlobalAvgPool2d,
-    ScaledGlobalL2NormPool2d,
-    ScaledL2NormPool2d,
     SLLResidual,
     sll_gram_row_sums,
 )
@@ -100,40 +91,6 @@ _EPS = torch.finfo(torch.float64).eps
 # Rounding margins are multiples of the solvers' backward-error constants; 16 is generous.
 _SAFETY = 16.0
 
-_ONE_LIPSCHITZ = (
-    FullSort,
-    GroupSort,
-    GroupSort2,
-    HouseHolder,
-    MaxMin,
-    InvertibleDownSampling,
-    ScaledAvgPool2d,
-    ScaledGlobalAvgPool2d,
-    ScaledGlobalL2NormPool2d,
-    ScaledL2NormPool2d,
-    nn.ReLU,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.Dropout,
-)
-
-
-_WEIGHTED = (nn.Linear, nn.Conv2d, nn.AvgPool2d)
-_CONTAINERS = (nn.Sequential, LipschitzResidual, ScaledConcat, SLLResidual)
-
-
-def _known_forward(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
-    """Whether ``module`` is one of ``kinds`` *and* computes what that kind computes: a subclass
-    that overrides ``forward`` (or a convolution's ``_conv_forward``) could compute anything, so
-    bounding it by its weights would not be sound."""
-    kind = next((kind for kind in kinds if isinstance(module, kind)), None)
-    if kind is None or type(module).forward is not kind.forward:
-        return False
-    return not isinstance(module, nn.Conv2d) or (
-        type(module)._conv_forward is nn.Conv2d._conv_forward
-    )
-
 
 def _unsupported(module: nn.Module, name: str) -> TypeError:
     return TypeError(
@@ -149,16 +106,17 @@ def check_boundable(model: nn.Module, name: str = "") -> None:
     """Raise the ``TypeError`` :func:`lipschitz_bound` would raise for ``model`` (exported with
     :func:`~liptune.export.vanilla_export`), from its structure alone: no forward pass, so it
     runs on the ``meta`` device, where a network can be checked before it is trained."""
-    if _known_forward(model, (nn.Sequential,)):
+    entry = layer_type(model)
+    if entry is None:
+        raise _unsupported(model, name)
+    if entry.bound is BoundRule.SEQUENTIAL:
         for child_name, child in model.named_children():
             check_boundable(child, _child(name, child_name))
-    elif isinstance(model, LipschitzResidual) and _known_forward(model, (LipschitzResidual,)):
-        check_boundable(model.block, _child(name, "block"))
-    elif isinstance(model, ScaledConcat) and _known_forward(model, (ScaledConcat,)):
-        for index, branch in enumerate(model.branches):
+    elif entry.bound is BoundRule.RESIDUAL:
+        check_boundable(cast(LipschitzResidual, model).block, _child(name, "block"))
+    elif entry.bound is BoundRule.CONCAT:
+        for index, branch in enumerate(cast(ScaledConcat, model).branches):
             check_boundable(branch, _child(name, f"branches.{index}"))
-    elif not _known_forward(model, (SLLResidual, *_WEIGHTED, *_ONE_LIPSCHITZ)):
-        raise _unsupported(model, name)
 
 
 @dataclass(frozen=True)
@@ -499,7 +457,10 @@ class _Walker:
 
     def walk(self, module: nn.Module, x: Tensor, name: str) -> tuple[float, float, Tensor]:
         """(bound, estimate, module(x)) of ``module`` on inputs shaped like ``x``."""
-        if _known_forward(module, (nn.Sequential,)):
+        entry = layer_type(module)
+        if entry is None:
+            raise _unsupported(module, name)
+        if entry.bound is BoundRule.SEQUENTIAL:
             bound = estimate = 1.0
             for child_name, child in module.named_children():
                 b, e, x = self.walk(child, x, _child(name, child_name))
@@ -507,27 +468,26 @@ class _Walker:
             return bound, estimate, x
         with torch.no_grad():
             y = module(x)
-        if isinstance(module, LipschitzResidual) and _known_forward(module, (LipschitzResidual,)):
-            b, e, _ = self.walk(module.block, x, _child(name, "block"))
-            t = module.skip_weight
+        if entry.bound is BoundRule.RESIDUAL:
+            residual = cast(LipschitzResidual, module)
+            b, e, _ = self.walk(residual.block, x, _child(name, "block"))
+            t = residual.skip_weight
             return t + (1 - t) * b, t + (1 - t) * e, y
-        if isinstance(module, ScaledConcat) and _known_forward(module, (ScaledConcat,)):
+        if entry.bound is BoundRule.CONCAT:
             parts = [
                 self.walk(branch, x, _child(name, f"branches.{i}"))[:2]
-                for i, branch in enumerate(module.branches)
+                for i, branch in enumerate(cast(ScaledConcat, module).branches)
             ]
             n = len(parts)
             bound = math.sqrt(sum(b * b for b, _ in parts) / n)
             return bound, math.sqrt(sum(e * e for _, e in parts) / n), y
-        if isinstance(module, SLLResidual) and _known_forward(module, (SLLResidual,)):
-            b, e = self.sll(name, module, x)
+        if entry.bound is BoundRule.SLL:
+            b, e = self.sll(name, cast(SLLResidual, module), x)
             return b, e, y
-        if _known_forward(module, _WEIGHTED):
+        if entry.bound is BoundRule.WEIGHTED:
             b, e = self.layer(name, module, x)
             return b, e, y
-        if _known_forward(module, _ONE_LIPSCHITZ):
-            return 1.0, 1.0, y
-        raise _unsupported(module, name)
+        return 1.0, 1.0, y
 
 
 def _example(input_shape: Sequence[int]) -> Tensor:

@@ -2,8 +2,9 @@ r"""A direct ONNX writer for the plain models of :func:`liptune.export.vanilla_e
 
 :func:`to_onnx` walks the module tree and emits one small ONNX subgraph per module, with the
 weights as initializers; it needs no tracing, so it takes milliseconds where
-``torch.onnx.export`` takes seconds. Each supported module type has one emitter in
-``_EMITTERS``; a module of any other type (or an unsupported setting of a known one) raises
+``torch.onnx.export`` takes seconds. Each supported module type's emitter is set on its
+entry of the one layer-type registry (:data:`liptune.layers.LAYER_TYPES`, with its bound rule);
+a module of any other type (or an unsupported setting of a known one) raises
 :class:`UnsupportedModule`, on which :func:`liptune.export.export_onnx` falls back to
 ``torch.onnx.export``.
 
@@ -36,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from liptune.certify import MARGIN_DIVISORS
+from liptune.layers import LAYER_TYPES
 from liptune.nn import (
     FullSort,
     GroupSort,
@@ -108,7 +110,8 @@ class _Graph:
 
     def emit(self, module: nn.Module, x: str) -> str:
         """Append the subgraph of ``module`` applied to ``x``; return the output's name."""
-        emitter = _EMITTERS.get(type(module))
+        entry = LAYER_TYPES.get(type(module))
+        emitter = entry.emitter if entry is not None else None
         if emitter is None:
             raise UnsupportedModule(
                 f"no ONNX emitter for {type(module).__module__}.{type(module).__name__}"
@@ -125,19 +128,18 @@ class _Graph:
         return shape
 
 
-_Emitter = Callable[[_Graph, nn.Module, str], str]
-_EMITTERS: dict[type[nn.Module], _Emitter] = {}
 _M = TypeVar("_M", bound=nn.Module)
 
 
 def _emits(
     *types: type[_M],
 ) -> Callable[[Callable[[_Graph, _M, str], str]], Callable[[_Graph, _M, str], str]]:
-    """Register an emitter for modules of ``types`` (it is only ever called with those)."""
+    """Set the emitter of the registered layer types ``types`` (:data:`liptune.layers.LAYER_TYPES`;
+    it is only ever called with modules of exactly those types)."""
 
     def register(emitter: Callable[[_Graph, _M, str], str]) -> Callable[[_Graph, _M, str], str]:
         for module_type in types:
-            _EMITTERS[module_type] = cast(_Emitter, emitter)
+            LAYER_TYPES[module_type].emitter = emitter
         return emitter
 
     return register
