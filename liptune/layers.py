@@ -23,22 +23,7 @@ from enum import StrEnum
 
 from torch import nn
 
-from liptune.nn import (
-    FullSort,
-    GroupSort,
-    GroupSort2,
-    HouseHolder,
-    InvertibleDownSampling,
-    LipschitzResidual,
-    LipschitzSequential,
-    MaxMin,
-    ScaledAvgPool2d,
-    ScaledConcat,
-    ScaledGlobalAvgPool2d,
-    ScaledGlobalL2NormPool2d,
-    ScaledL2NormPool2d,
-    SLLResidual,
-)
+import liptune.nn as lnn
 
 __all__ = ["LAYER_TYPES", "BoundRule", "LayerType", "layer_type", "register_layer"]
 
@@ -104,16 +89,16 @@ def _register_builtins(rule: BoundRule, *types: type[nn.Module]) -> None:
 
 _register_builtins(
     BoundRule.ONE_LIPSCHITZ,
-    FullSort,
-    GroupSort,
-    GroupSort2,
-    HouseHolder,
-    MaxMin,
-    InvertibleDownSampling,
-    ScaledAvgPool2d,
-    ScaledGlobalAvgPool2d,
-    ScaledGlobalL2NormPool2d,
-    ScaledL2NormPool2d,
+    lnn.FullSort,
+    lnn.GroupSort,
+    lnn.GroupSort2,
+    lnn.HouseHolder,
+    lnn.MaxMin,
+    lnn.InvertibleDownSampling,
+    lnn.ScaledAvgPool2d,
+    lnn.ScaledGlobalAvgPool2d,
+    lnn.ScaledGlobalL2NormPool2d,
+    lnn.ScaledL2NormPool2d,
     nn.ReLU,
     nn.Flatten,
     nn.Unflatten,
@@ -121,7 +106,7 @@ _register_builtins(
     nn.Dropout,
 )
 _register_builtins(BoundRule.WEIGHTED, nn.Linear, nn.Conv2d, nn.AvgPool2d)
-_register_builtins(BoundRule.SEQUENTIAL, nn.Sequential, LipschitzSequential)
-_register_builtins(BoundRule.RESIDUAL, LipschitzResidual)
-_register_builtins(BoundRule.CONCAT, ScaledConcat)
-_register_builtins(BoundRule.SLL, SLLResidual)
+_register_builtins(BoundRule.SEQUENTIAL, nn.Sequential, lnn.LipschitzSequential)
+_register_builtins(BoundRule.RESIDUAL, lnn.LipschitzResidual)
+_register_builtins(BoundRule.CONCAT, lnn.ScaledConcat)
+_register_builtins(BoundRule.SLL, lnn.SLLResidual)

@@ -574,11 +574,7 @@ class Worker:
             trial_spec,
             tracking=self.options.tracking,
             experiment=experiment_name(spec, study_id),
-            tags={
-                "liptune.study_id": study_id,
-                TRIAL_NUMBER_TAG: str(trial.number),
-                "liptune.loss_family": params["loss"],
-            },
+            tags=_run_tags(study_id, trial.number, params),
             should_stop=self._should_stop(study),
             on_epoch=on_epoch,
             should_prune=should_prune if pruner is not None else None,
@@ -604,11 +600,7 @@ class Worker:
             network_run_id=run_id,
             tracking=self.options.tracking,
             experiment=experiment_name(spec, study_id),
-            tags={
-                "liptune.study_id": study_id,
-                TRIAL_NUMBER_TAG: str(trial.number),
-                "liptune.loss_family": params["loss"],
-            },
+            tags=_run_tags(study_id, trial.number, params),
             data_roots=self.options.data_roots,
             device=self.options.device,
             threads=trial_threads(self.options.threads, spec.training.threads),
@@ -793,6 +785,15 @@ class Worker:
 
 class _LeaseLost(Exception):
     """The training lease was freed as stale while the network trained."""
+
+
+def _run_tags(study_id: str, number: int, params: dict[str, Any]) -> dict[str, str]:
+    """The MLflow tags that tie a trial's run to its study."""
+    return {
+        "liptune.study_id": study_id,
+        TRIAL_NUMBER_TAG: str(number),
+        "liptune.loss_family": params["loss"],
+    }
 
 
 def _result_record(result: TrialResult) -> TrialAttributes:

@@ -212,15 +212,9 @@ def run_trial(
                         started_at,
                     )
     except Exception as error:
-        if not allocation_failed(error):
-            raise
         # Leaving the handler drops the traceback's frames, and with them what the trial had
         # allocated: the worker goes on to its next trial.
-        return TrialResult(
-            status=TrialOutcome.FAILED,
-            failure_reason=out_of_memory_reason(spec, device or spec.training.device, error),
-            timings=timings,
-        )
+        return _failed_allocation(error, spec, device, timings)
     return result
 
 
@@ -331,14 +325,23 @@ def run_conditioned_trial(
                         started_at,
                     )
     except Exception as error:
-        if not allocation_failed(error):
-            raise
-        return TrialResult(
-            status=TrialOutcome.FAILED,
-            failure_reason=out_of_memory_reason(spec, device or spec.training.device, error),
-            timings=timings,
-        )
+        # Leaving the handler drops the traceback's frames, and with them what the trial had
+        # allocated: the worker goes on to its next trial.
+        return _failed_allocation(error, spec, device, timings)
     return result
+
+
+def _failed_allocation(
+    error: Exception, spec: TrialSpec, device: str | None, timings: dict[str, float]
+) -> TrialResult:
+    """The failed result of a trial whose allocation failed; any other error is raised again."""
+    if not allocation_failed(error):
+        raise error
+    return TrialResult(
+        status=TrialOutcome.FAILED,
+        failure_reason=out_of_memory_reason(spec, device or spec.training.device, error),
+        timings=timings,
+    )
 
 
 def allocation_failed(error: BaseException) -> bool:
