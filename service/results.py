@@ -348,16 +348,14 @@ def epoch_counts(records: Iterable[TrialRecord], epochs_per_trial: int) -> dict[
 
 
 def conditioned_view(
-    spec: StudySpec, records: Iterable[TrialRecord], conditioned: dict[str, Any]
+    spec: StudySpec, trials_spent: int, conditioned: dict[str, Any]
 ) -> dict[str, Any]:
     """``epochs_spent`` and ``conditioned_network`` of a study's detail: a ``train`` study spent
-    its trials' epochs and has no conditioned network; a conditional one spent its network's
-    epochs (:data:`worker.study._studies.CONDITIONED_ATTR`)."""
+    its trials' epochs (``trials_spent``, :func:`epoch_counts`' ``spent``) and has no
+    conditioned network; a conditional one spent its network's epochs
+    (:data:`worker.study._studies.CONDITIONED_ATTR`)."""
     if not spec.conditional:
-        return {
-            "epochs_spent": sum(record.epochs_trained for record in records),
-            "conditioned_network": None,
-        }
+        return {"epochs_spent": trials_spent, "conditioned_network": None}
     network = {
         "status": conditioned.get("status", "waiting"),
         "epochs": int(conditioned.get("epochs", 0)),
@@ -465,11 +463,6 @@ def recommend_for(
     return RequirementAnswer(eps, minimums, maximize, at_eps, recommend(at_eps, minimums, maximize))
 
 
-def _value(record: TrialRecord, key: str) -> float | None:
-    value = (record.values or {}).get(key, record.metrics.get(key))
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def recommend(
     records: Iterable[TrialRecord], minimums: Mapping[str, float], maximize: str
 ) -> RequirementMatch:
@@ -483,25 +476,24 @@ def recommend(
     meeting = [
         record
         for record in pool
-        if _value(record, maximize) is not None
+        if record.value(maximize) is not None
         and all(
-            (value := _value(record, key)) is not None and value >= minimum
+            (value := record.value(key)) is not None and value >= minimum
             for key, minimum in minimums.items()
         )
     ]
     if meeting:
-        chosen = min(meeting, key=lambda r: (-_value(r, maximize), r.number))  # type: ignore[operator]
+        chosen = min(meeting, key=lambda r: (-r.value(maximize), r.number))  # type: ignore[operator]
         return RequirementMatch(trial=chosen)
     best_achieved = {}
     for key in minimums:
-        achieved = [value for r in pool if (value := _value(r, key)) is not None]
+        achieved = [value for r in pool if (value := r.value(key)) is not None]
         if achieved:
             best_achieved[key] = max(achieved)
 
     def shortfall(record: TrialRecord) -> dict[str, float]:
         return {
-            key: max(0.0, minimum - (_value(record, key) or 0.0))
-            for key, minimum in minimums.items()
+            key: max(0.0, minimum - (record.value(key) or 0.0)) for key, minimum in minimums.items()
         }
 
     if not pool:

@@ -6,6 +6,7 @@ Floats may be infinite (``alpha_kr = inf`` means hinge only): they are written a
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Generic, Literal, TypeVar
 
@@ -122,6 +123,12 @@ class TrialRecord(_Schema):
         default=None,
         description="The attack's violations; > 0 flags certificates the attack broke.",
     )
+
+    def value(self, key: str) -> float | None:
+        """The trial's value of ``key``: its objective value, else its final metric; ``None``
+        when it has neither or it is NaN."""
+        value = (self.values or {}).get(key, self.metrics.get(key))
+        return None if value is None or math.isnan(value) else float(value)
 
 
 class TrialDetail(TrialRecord):

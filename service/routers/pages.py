@@ -26,7 +26,6 @@ snapshot; the pages draw them with ``Plotly.react``:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -203,11 +202,6 @@ def plotly_js() -> FileResponse:
 # --------------------------------------------------------------------------- helpers
 
 
-def _value(record: TrialRecord, key: str) -> float | None:
-    value = (record.values or {}).get(key, record.metrics.get(key))
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def _plane(
     snapshot: StudySnapshot, eps: float | None
 ) -> tuple[list[TrialRecord], list[TrialRecord], str, str]:
@@ -280,8 +274,8 @@ def pareto(snapshot: StudySnapshot, query: FigureQuery) -> go.Figure:
         for record in placed
         if record.state == "COMPLETE"
         and record.values is not None
-        and (x := _value(record, x_key)) is not None
-        and (y := _value(record, y_key)) is not None
+        and (x := record.value(x_key)) is not None
+        and (y := record.value(y_key)) is not None
     ]
     pruned = [
         figures.TrialPoint(
@@ -334,7 +328,7 @@ def _requirements(
     meeting = [
         r.number
         for r in candidates(asked.records)
-        if all((v := _value(r, k)) is not None and v >= m for k, m in minimums.items())
+        if all((v := r.value(k)) is not None and v >= m for k, m in minimums.items())
     ]
     return meeting, {
         "trial": answer.trial.number if answer.trial else None,

@@ -113,6 +113,7 @@ def detail_view(snapshot: StudySnapshot) -> StudyDetail:
             if snapshot.status == StudyStatus.RUNNING
             else None
         )
+        epochs = results.epoch_counts(snapshot.records, snapshot.spec.training.epochs)
         return StudyDetail.model_validate(
             {
                 **summary_view(snapshot).model_dump(),
@@ -122,8 +123,8 @@ def detail_view(snapshot: StudySnapshot) -> StudyDetail:
                 "requirements": [r.model_dump(mode="json") for r in snapshot.spec.requirements],
                 "hypervolume": results.hypervolume(snapshot.records, objectives),
                 "eta_seconds": eta,
-                "epochs": results.epoch_counts(snapshot.records, snapshot.spec.training.epochs),
-                **results.conditioned_view(snapshot.spec, snapshot.records, snapshot.conditioned),
+                "epochs": epochs,
+                **results.conditioned_view(snapshot.spec, epochs["spent"], snapshot.conditioned),
             }
         )
 
